@@ -1,0 +1,162 @@
+"""Shared fixtures: the app over both stores, a throwaway MySQL database, real server processes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pymysql
+import pytest
+import webtest
+
+import cars
+
+ROOT = Path(__file__).resolve().parent.parent
+MYSQL = {
+    "host": os.environ.get("MYSQL_TEST_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("MYSQL_TEST_PORT", "3306")),
+    "user": os.environ.get("MYSQL_TEST_USER", "root"),
+    "password": os.environ.get("MYSQL_TEST_PASSWORD", ""),
+}
+TOKEN = "test-token-for-writes"  # noqa: S105 -- a made-up token that only the tests use
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def free_port():
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mysql_env(database):
+    """Return the environment that points cars.py at the test MySQL server."""
+    return {
+        "MYSQL_HOST": MYSQL["host"],
+        "MYSQL_PORT": str(MYSQL["port"]),
+        "MYSQL_USER": MYSQL["user"],
+        "MYSQL_PASSWORD": MYSQL["password"],
+        "MYSQL_DATABASE": database,
+    }
+
+
+@pytest.fixture(scope="session")
+def mysql_database():
+    """Create a throwaway database on the real MySQL server and drop it afterwards."""
+    try:
+        conn = pymysql.connect(**MYSQL, autocommit=True, connect_timeout=5)
+    except pymysql.err.OperationalError as exc:
+        where = f"{MYSQL['host']}:{MYSQL['port']}"
+        if IN_CI:
+            pytest.fail(f"CI needs MySQL at {where}: {exc}")
+        pytest.skip(f"MySQL tests need a server at {where} ({exc}); CI always runs them")
+    name = f"cars_test_{uuid.uuid4().hex[:12]}"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}`")
+    yield name
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "mysql"])
+def store_env(request, tmp_path_factory):
+    """Return the environment of each store the suite runs on."""
+    if request.param == "mysql":
+        return mysql_env(request.getfixturevalue("mysql_database"))
+    return {"SQLITE_PATH": str(tmp_path_factory.mktemp("sqlite") / "cars.db")}
+
+
+@pytest.fixture(scope="session")
+def app(store_env):
+    """Configure the one WSGI app on a store and create its table."""
+    application = cars.configure(cars.load_settings(store_env))
+    application.config["cars.db"].create_schema()
+    return application
+
+
+@pytest.fixture
+def db(app):
+    """Return the app's database, emptied so that each test starts clean."""
+    database = app.config["cars.db"]
+    database.execute("DELETE FROM cars")
+    return database
+
+
+@pytest.fixture
+def testapp(app, db):
+    """Drive the WSGI app with WebTest over an empty table."""
+    return webtest.TestApp(app)
+
+
+@pytest.fixture
+def api_token(app):
+    """Require a bearer token for writes while the test runs."""
+    settings = app.config["cars.settings"]
+    app.config["cars.settings"] = settings._replace(api_token=TOKEN)
+    yield TOKEN
+    app.config["cars.settings"] = settings
+
+
+class Server:
+    """A real `python cars.py` process listening on 127.0.0.1."""
+
+    def __init__(self, proc, port, log_path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self):
+        """Return what the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, signal=signal.SIGTERM, timeout=15):
+        """Send a signal and return the exit code once the process ends."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def run_server(tmp_path):
+    """Start real server processes on free ports; kill whatever is left at the end."""
+    servers = []
+
+    def start(env=None):
+        port = free_port()
+        full_env = {k: v for k, v in os.environ.items() if k not in ("MYSQL_HOST", "API_TOKEN")}
+        full_env.update(HOST="127.0.0.1", PORT=str(port), SQLITE_PATH=str(tmp_path / f"{port}.db"))
+        full_env.update(env or {})
+        log_path = tmp_path / f"server-{port}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "cars.py")],
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+            )
+        server = Server(proc, port, log_path)
+        servers.append(server)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{server.log()}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        return server
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)
+        pytest.fail(f"server did not answer /health within 15 s:\n{server.log()}")
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
