@@ -13,14 +13,16 @@ PORT ?= 8080
 PYTEST_ARGS ?=
 CONTAINER ?= docker
 IMAGE ?= cars-api
+PYTHON_IMAGE ?=
 SHA ?=
 AWS_REGION ?= eu-west-1
 STACK_PREFIX ?= cars-api
 BASE_STACK ?= $(STACK_PREFIX)-base
 SERVICE_STACK ?= $(STACK_PREFIX)-service
+GITHUB_REPOSITORY ?=
 
 # The scripts read their settings from the environment, never from their arguments.
-export HOST PORT CONTAINER IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK
+export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK GITHUB_REPOSITORY
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
@@ -47,7 +49,7 @@ $(DEV): $(RUNTIME) tests/requirements.txt tests/requirements-checkov.txt
 	touch $@
 
 .PHONY: run
-run: $(RUNTIME) ## Serve the API on http://$(HOST):$(PORT) (SQLite, or MySQL when MYSQL_HOST is set).
+run: $(RUNTIME) ## Serve the API on http://127.0.0.1:8080 (SQLite, or MySQL when MYSQL_HOST is set).
 	exec $(VENV)/bin/python cars.py
 
 .PHONY: test
@@ -88,7 +90,7 @@ clean: ## Remove the virtualenv, caches and the local SQLite database.
 ##@ Container
 
 .PHONY: image
-image: ## Build the image $(IMAGE):<SHA> (SHA defaults to the current commit; CONTAINER=podman works too).
+image: ## Build the image cars-api:<SHA> (SHA defaults to the current commit; CONTAINER=podman works too).
 	scripts/image.sh
 
 .PHONY: image-test
@@ -110,7 +112,7 @@ stack-deploy: ## Create or update the long-lived stacks; prints the repository U
 	scripts/stack-deploy.sh
 
 .PHONY: release
-release: ## Build and push $(IMAGE):<SHA>, deploy it and verify what serves (SHA required).
+release: ## Build and push cars-api:<SHA>, deploy it and verify what serves (SHA required).
 	$(require_sha)
 	scripts/release.sh
 
