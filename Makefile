@@ -66,7 +66,7 @@ lint: $(DEV) ## Run every linter and scanner; each must report zero findings.
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(VENV)/bin/zizmor --offline .github/workflows
 	$(VENV)/bin/cfn-lint --include-checks I -- cloudformation/*.yaml
-	$(VENV)/checkov/bin/checkov --quiet --compact --framework cloudformation --directory cloudformation
+	$(VENV)/checkov/bin/checkov --quiet --compact --skip-download --framework cloudformation --directory cloudformation
 	$(VENV)/bin/bandit --quiet --recursive cars.py scripts
 	$(VENV)/bin/detect-secrets-hook $$(git ls-files)
 
