@@ -1,0 +1,405 @@
+"""deploy_state.py: reads AWS describe-* JSON saved by the deploy scripts and says what it means.
+
+The shell scripts make every AWS call (AWS CLI v1 or v2) and save the JSON answers; this helper only
+reads files, so the decisions (is the rollout complete, rolled back, stuck, serving the wrong image)
+live in one place that tests drive with recorded responses. Standard library only.
+
+Exit status: 0 = done/ok, 1 = failed (the line printed says what happened), 3 = not finished yet.
+"""
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+OK, FAILED, PENDING = 0, 1, 3
+CONTAINER = "cars-api"  # the fixed container name in service.yaml
+BUSY_SUFFIX = "_IN_PROGRESS"
+# States in which a stack can only be deleted (its creation failed or a delete half-ran).
+MUST_DELETE = {"ROLLBACK_COMPLETE", "ROLLBACK_FAILED", "CREATE_FAILED", "DELETE_FAILED"}
+CANCELLED = ("Resource update cancelled", "Resource creation cancelled")
+
+
+class StateError(Exception):
+    """A state the caller must stop on; the message is the one line shown to the user."""
+
+
+def load(path: Path):
+    """The JSON document at path, or None when the file was not written (resource missing)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return json.loads(text) if text.strip() else None
+
+
+def when(value) -> str:
+    """A timestamp as AWS CLI v1 (epoch number or ISO text) or v2 (ISO text) prints it, in UTC."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, int | float):
+        moment = datetime.fromtimestamp(value / 1000 if value > 1e11 else value, UTC)
+    else:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def sort_key(value) -> float:
+    """A sortable number for a v1 or v2 timestamp (missing sorts first)."""
+    if value is None or value == "":
+        return 0.0
+    if isinstance(value, int | float):
+        return float(value / 1000 if value > 1e11 else value)
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+# CloudFormation
+
+
+def the_stack(doc) -> dict | None:
+    stacks = (doc or {}).get("Stacks") or []
+    return stacks[0] if stacks else None
+
+
+def stack_check(doc, name: str) -> str:
+    """The stack status when a deploy may proceed (MISSING when absent); Failure when it may not."""
+    stack = the_stack(doc)
+    if stack is None:
+        return "MISSING"
+    status = stack["StackStatus"]
+    if status == "REVIEW_IN_PROGRESS":  # only an unexecuted change set: deploy creates it
+        return status
+    if status.endswith(BUSY_SUFFIX):
+        raise StateError(f"stack {name} is busy ({status}): wait for it to finish, then retry")
+    if status in MUST_DELETE:
+        raise StateError(
+            f"stack {name} is {status} and cannot be updated: delete it "
+            f"(aws cloudformation delete-stack --stack-name {name}), then retry"
+        )
+    if status == "UPDATE_ROLLBACK_FAILED":
+        raise StateError(
+            f"stack {name} is UPDATE_ROLLBACK_FAILED: fix the cause, then run "
+            f"aws cloudformation continue-update-rollback --stack-name {name}"
+        )
+    return status
+
+
+def output(doc, name: str, key: str) -> str:
+    stack = the_stack(doc)
+    for item in (stack or {}).get("Outputs") or []:
+        if item.get("OutputKey") == key:
+            return item["OutputValue"]
+    raise StateError(f"stack {name} has no output {key}: is it a cars-api stack, fully created?")
+
+
+def root_cause(stack_doc, events_doc) -> str:
+    """The first failure of the latest stack operation, from DescribeStackEvents (newest first)."""
+    stack = the_stack(stack_doc) or {}
+    failures = []
+    for event in (events_doc or {}).get("StackEvents") or []:
+        is_stack = event.get("ResourceType") == "AWS::CloudFormation::Stack"
+        status = event.get("ResourceStatus", "")
+        started = status in ("CREATE_IN_PROGRESS", "UPDATE_IN_PROGRESS")
+        if is_stack and started and event.get("ResourceStatusReason") == "User Initiated":
+            break  # the start of the latest operation
+        reason = event.get("ResourceStatusReason") or ""
+        if status.endswith("_FAILED") and not is_stack and not reason.startswith(CANCELLED):
+            failures.append(f"{event.get('LogicalResourceId')}: {reason}")
+    if failures:
+        return failures[-1]  # events are newest first: the last one found happened first
+    return stack.get("StackStatusReason") or "no failure reason recorded"
+
+
+def stack_failure(stack_doc, events_doc, name: str) -> str:
+    """Where a failed deploy left the stack, and why (its first failure)."""
+    stack = the_stack(stack_doc)
+    if stack is None:
+        return f"stack {name} does not exist"
+    status = stack["StackStatus"]
+    line = f"stack {name} is {status} ({root_cause(stack_doc, events_doc)})"
+    if status in MUST_DELETE:
+        line += (
+            "; delete it before the next deploy: "
+            f"aws cloudformation delete-stack --stack-name {name}"
+        )
+    return line
+
+
+def outputs(doc) -> list[str]:
+    items = (the_stack(doc) or {}).get("Outputs") or []
+    if not items:
+        return ["  (the stack reports no outputs)"]
+    width = max(len(item["OutputKey"]) for item in items)
+    return [f"  {item['OutputKey']:{width}}  {item['OutputValue']}" for item in items]
+
+
+# ECS
+
+
+def task_images(directory: Path) -> dict[str, str]:
+    """taskDefinitionArn -> image of the cars-api container, from saved DescribeTaskDefinition."""
+    images = {}
+    for path in sorted((directory / "taskdefs").glob("*.json")):
+        taskdef = (load(path) or {}).get("taskDefinition") or {}
+        containers = taskdef.get("containerDefinitions") or []
+        chosen = next((c for c in containers if c.get("name") == CONTAINER), None)
+        chosen = chosen or (containers[0] if containers else {})
+        if taskdef.get("taskDefinitionArn"):
+            images[taskdef["taskDefinitionArn"]] = chosen.get("image", "(no image)")
+    return images
+
+
+def the_service(doc) -> dict:
+    services = (doc or {}).get("services") or []
+    if not services:
+        failures = (doc or {}).get("failures") or [{}]
+        arn = failures[0].get("arn", "the service")
+        raise StateError(f"{arn} not found ({failures[0].get('reason', 'MISSING')})")
+    service = services[0]
+    if service.get("status") != "ACTIVE":
+        raise StateError(f"service {service.get('serviceName')} is {service.get('status')}")
+    return service
+
+
+def image_of(deployment: dict, images: dict[str, str]) -> str:
+    return images.get(deployment.get("taskDefinition", ""), deployment.get("taskDefinition", "?"))
+
+
+def tasks(count: int) -> str:
+    return f"{count} task" if count == 1 else f"{count} tasks"
+
+
+def serving(service: dict, images: dict[str, str]) -> str:
+    """The images that have running tasks (repository name:tag), for error lines."""
+    running = [d for d in service.get("deployments") or [] if d.get("runningCount", 0) > 0]
+    if not running:
+        return "nothing (no task is running)"
+    short = [image_of(d, images).rsplit("/", 1)[-1] for d in running]
+    return ", ".join(
+        f"{name} ({tasks(d['runningCount'])})" for name, d in zip(short, running, strict=True)
+    )
+
+
+def last_event(service: dict) -> str:
+    """The newest ECS service event that tells of a failure or rollback, if any."""
+    words = ("circuit breaker", "rolling back", "rolled back", "failed", "alarm", "unable")
+    for event in service.get("events") or []:  # newest first
+        message = event.get("message", "")
+        if any(word in message.lower() for word in words):
+            return f" (last ECS event: {message})"
+    return ""
+
+
+def rollout(services_doc, images: dict[str, str], expected: str) -> tuple[int, str]:
+    """Decide whether expected is live: primary COMPLETED, exact image, running == desired."""
+    service = the_service(services_doc)
+    deployments = service.get("deployments") or []
+    now = serving(service, images)
+    primary = next((d for d in deployments if d.get("status") == "PRIMARY"), None)
+    if primary is None:
+        return (
+            FAILED,
+            f"service {service['serviceName']} has no primary deployment; now serving {now}",
+        )
+    for deployment in deployments:
+        failed = deployment is not primary and deployment.get("rolloutState") == "FAILED"
+        if failed and image_of(deployment, images) == expected:
+            reason = deployment.get("rolloutStateReason", "no reason given")
+            return FAILED, (
+                f"{expected} was rolled back by the circuit breaker/alarm: {reason}; "
+                f"now serving {now}"
+            )
+    state = primary.get("rolloutState", "")
+    running, desired = primary.get("runningCount", 0), primary.get("desiredCount", 0)
+    actual = image_of(primary, images)
+    if state == "FAILED":
+        reason = primary.get("rolloutStateReason", "no reason given")
+        return FAILED, (
+            f"the deployment of {actual} failed (circuit breaker/alarm, no rollback): {reason}; "
+            f"now serving {now}"
+        )
+    if actual != expected:
+        return FAILED, (
+            f"wrong image: the primary deployment runs {actual}, not {expected}"
+            f"{last_event(service)}; now serving {now}"
+        )
+    if desired < 1:
+        return (
+            FAILED,
+            f"desired count of {service['serviceName']} is 0: nothing would serve {actual}",
+        )
+    others = sum(d.get("runningCount", 0) for d in deployments if d is not primary)
+    progress = f"{running}/{desired} tasks running"
+    if primary.get("failedTasks"):
+        progress += f", {primary['failedTasks']} failed to start"
+    if state == "COMPLETED" and running == desired and others == 0:
+        return OK, f"{expected} is live: {progress}"
+    if others:
+        progress += f", {tasks(others)} of the previous release still running"
+    return PENDING, f"rollout of {expected} is {state or 'in progress'}: {progress}"
+
+
+def deployments_table(service: dict, images: dict[str, str]) -> list[str]:
+    lines = []
+    for d in service.get("deployments") or []:
+        lines.append(
+            f"  {d.get('status', '?'):8} {d.get('rolloutState', '-'):12} "
+            f"{d.get('runningCount', 0)}/{d.get('desiredCount', 0)}  {when(d.get('updatedAt'))}  "
+            f"{image_of(d, images)}"
+        )
+        if d.get("rolloutStateReason"):
+            lines.append(f"           {d['rolloutStateReason']}")
+    return lines
+
+
+def status(services_doc, images: dict[str, str], url: str) -> list[str]:
+    service = the_service(services_doc)
+    primary = next((d for d in service.get("deployments") or [] if d["status"] == "PRIMARY"), {})
+    lines = [
+        f"service      {service['serviceName']} ({service.get('status')})",
+        f"live image   {image_of(primary, images) if primary else 'none'}",
+        f"tasks        {service.get('runningCount', 0)} running / "
+        f"{service.get('desiredCount', 0)} desired ({service.get('pendingCount', 0)} pending)",
+        f"url          {url}",
+        "deployments  (status, rollout, running/desired, updated UTC, image)",
+        *deployments_table(service, images),
+        "events       (newest first, UTC)",
+    ]
+    for event in (service.get("events") or [])[:5]:
+        lines.append(f"  {when(event.get('createdAt'))}  {event.get('message', '')}")
+    return lines
+
+
+# ECR
+
+
+def tags_of(images_doc) -> list[dict]:
+    return list((images_doc or {}).get("imageDetails") or [])
+
+
+def resolve(images_doc, sha: str, repository: str) -> str:
+    """The image tag that sha names: an exact tag, else the one tag that starts with it."""
+    tags = sorted({tag for image in tags_of(images_doc) for tag in image.get("imageTags") or []})
+    if sha in tags:
+        return sha
+    matches = [tag for tag in tags if tag.startswith(sha)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise StateError(
+            f"{sha} is ambiguous in {repository} ({', '.join(matches)}): give more characters; "
+            "nothing changed"
+        )
+    raise StateError(
+        f"{sha} is not an image in {repository}: nothing changed "
+        "(make history lists the images you can deploy)"
+    )
+
+
+def history(images_doc, live_image: str) -> list[str]:
+    live_tag = live_image.rsplit(":", 1)[-1] if live_image else ""
+    rows = sorted(tags_of(images_doc), key=lambda i: sort_key(i.get("imagePushedAt")), reverse=True)
+    if not rows:
+        return ["no images in the repository yet: make release SHA=<commit sha> pushes one"]
+    lines = [f"{'PUSHED (UTC)':19}  {'TAG':40}  {'SCAN':24}  LIVE"]
+    for image in rows:
+        tags = image.get("imageTags") or []
+        name = ",".join(tags) if tags else f"(untagged {image.get('imageDigest', '')[:19]})"
+        counts = (image.get("imageScanFindingsSummary") or {}).get("findingSeverityCounts")
+        scan = " ".join(f"{k}={v}" for k, v in sorted(counts.items())) if counts else "-"
+        if counts == {}:
+            scan = "no findings"
+        mark = "live" if live_tag and live_tag in tags else ""
+        lines.append(
+            f"{when(image.get('imagePushedAt')):19}  {name:40}  {scan:24}  {mark}".rstrip()
+        )
+    return lines
+
+
+# CloudWatch Logs
+
+
+def logs(directory: Path, lines: int) -> list[str]:
+    """The newest events of the saved GetLogEvents answers, merged in time order."""
+    events = []
+    for path in sorted((directory / "logs").glob("*.json")):
+        stream = path.stem
+        for event in (load(path) or {}).get("events") or []:
+            events.append((event.get("timestamp", 0), stream, event.get("message", "").rstrip()))
+    events.sort()
+    return [f"{when(ts)}  {stream[:8]}  {message}" for ts, stream, message in events[-lines:]]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, args in {
+        "stack": ["file", "name"],
+        "output": ["file", "name", "key"],
+        "stack-failure": ["dir", "name"],
+        "outputs": ["file"],
+        "taskdefs": ["dir"],
+        "rollout": ["dir", "expected"],
+        "serving": ["dir"],
+        "live": ["dir"],
+        "status": ["dir", "url"],
+        "resolve": ["file", "sha", "repository"],
+        "history": ["dir", "live"],
+        "logs": ["dir", "lines"],
+    }.items():
+        command = sub.add_parser(name)
+        for arg in args:
+            command.add_argument(arg)
+    args = parser.parse_args(argv)
+    base = Path(getattr(args, "dir", "") or ".")
+    try:
+        code, text = run(args, base)
+    except StateError as failure:
+        code, text = FAILED, str(failure)
+    print(text)
+    return code
+
+
+def run(args, base: Path) -> tuple[int, str]:
+    services = load(base / "services.json")
+    match args.command:
+        case "stack":
+            return OK, stack_check(load(Path(args.file)), args.name)
+        case "output":
+            return OK, output(load(Path(args.file)), args.name, args.key)
+        case "stack-failure":
+            stack, events = load(base / "stack.json"), load(base / "events.json")
+            return OK, stack_failure(stack, events, args.name)
+        case "outputs":
+            return OK, "\n".join(outputs(load(Path(args.file))))
+        case "taskdefs":
+            found = {d["taskDefinition"] for d in the_service(services).get("deployments") or []}
+            return OK, "\n".join(sorted(found))
+        case "rollout":
+            return rollout(services, task_images(base), args.expected)
+        case "serving":
+            try:
+                return OK, serving(the_service(services), task_images(base))
+            except StateError as failure:
+                return OK, f"nothing ({failure})"
+        case "live":
+            service = the_service(services)
+            primary = [d for d in service.get("deployments") or [] if d.get("status") == "PRIMARY"]
+            return OK, image_of(primary[0], task_images(base)) if primary else ""
+        case "status":
+            return OK, "\n".join(status(services, task_images(base), args.url))
+        case "resolve":
+            return OK, resolve(load(Path(args.file)), args.sha, args.repository)
+        case "history":
+            return OK, "\n".join(history(load(base / "images.json"), args.live))
+        case "logs":
+            return OK, "\n".join(logs(base, int(args.lines)))
+    raise StateError(f"unknown command {args.command}")  # argparse already refuses these
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

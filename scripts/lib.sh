@@ -1,0 +1,224 @@
+# lib.sh: shared settings and helpers of the AWS scripts; sourced by them, never run.
+# shellcheck shell=bash
+# Works with AWS CLI v1 and v2 and with bash 3.2 (macOS): no associative arrays, no v2-only flags.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+AWS_REGION=${AWS_REGION:-eu-west-1}
+BASE_STACK=${BASE_STACK:-cars-api-base}
+SERVICE_STACK=${SERVICE_STACK:-cars-api-service}
+IMAGE=${IMAGE:-cars-api}
+CONTAINER=${CONTAINER:-docker}
+# AWS CLI v2 pipes output through a pager by default; v1 ignores this.
+export AWS_PAGER=''
+
+die() { echo "error: $*" >&2; exit 1; }
+say() { echo "$*"; }
+
+# Prints the script's usage (its usage function) and exits 2: a caller mistake, not a failure.
+usage_error() {
+  [[ $# -eq 0 ]] || echo "error: $*" >&2
+  usage
+  exit 2
+}
+
+# SHA must name a commit: 7 to 40 lowercase hex characters. Checked before any AWS call.
+check_sha() {
+  [[ -n "${SHA:-}" ]] || usage_error "SHA is required"
+  [[ "$SHA" =~ ^[0-9a-f]{7,40}$ ]] \
+    || usage_error "SHA '$SHA' is not a commit SHA (7 to 40 lowercase hex characters)"
+}
+
+# Fails early, with what to install, when a needed command is missing.
+require_tools() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || case $tool in
+      aws) die "the aws CLI is not installed (or not on PATH): install AWS CLI v2 (v1 works too)" ;;
+      python3) die "python3 is not installed (or not on PATH): the deploy scripts need it" ;;
+      *) die "$tool is not installed (or not on PATH)" ;;
+    esac
+  done
+}
+
+# A private scratch directory for the AWS answers, removed on exit.
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/cars-api-deploy.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+last_line() { grep -v '^[[:space:]]*$' "$1" | tail -n 1 || true; }
+
+# The aws CLI with our region, and the emulator endpoint when AWS_ENDPOINT_URL is set (passed
+# explicitly so that an old CLI that ignores the variable never talks to a real account instead).
+aws_() {
+  local global=(--region "$AWS_REGION")
+  [[ -z "${AWS_ENDPOINT_URL:-}" ]] || global+=(--endpoint-url "$AWS_ENDPOINT_URL")
+  aws "${global[@]}" "$@"
+}
+
+# aws_ that dies with what AWS said when the call fails.
+awsq() {
+  aws_ "$@" 2>"$WORK/aws.err" || die "aws $1 $2 failed: $(last_line "$WORK/aws.err")"
+}
+
+# The decision helper (reads the saved JSON; makes no AWS call itself).
+state() { python3 "$ROOT/scripts/deploy_state.py" "$@"; }
+
+# state, dying with its message when it reports a failure.
+state_or_die() {
+  local out
+  out=$(state "$@") || die "$out"
+  printf '%s\n' "$out"
+}
+
+require_credentials() {
+  aws_ sts get-caller-identity --output json >"$WORK/identity.json" 2>"$WORK/aws.err" \
+    || die "cannot use AWS (profile ${AWS_PROFILE:-default}, region $AWS_REGION):" \
+      "$(last_line "$WORK/aws.err") - set AWS_PROFILE, or run 'aws configure' / 'aws sso login'"
+}
+
+# Saves DescribeStacks of stack $1 to file $2; returns 1 when the stack does not exist.
+describe_stack() {
+  if aws_ cloudformation describe-stacks --stack-name "$1" --output json >"$2" 2>"$WORK/aws.err"; then
+    return 0
+  fi
+  rm -f "$2"
+  grep -q 'does not exist' "$WORK/aws.err" && return 1
+  die "cannot read stack $1: $(last_line "$WORK/aws.err")"
+}
+
+# Reads the base stack outputs the scripts need into REPOSITORY_URI, REPOSITORY_NAME, CLUSTER,
+# SERVICE_URL. SERVICE_URL may be overridden (e.g. a custom domain on the certificate).
+load_base() {
+  local file="$WORK/base.json"
+  describe_stack "$BASE_STACK" "$file" \
+    || die "stack $BASE_STACK not found in $AWS_REGION: create it first with make stack-deploy"
+  state_or_die stack "$file" "$BASE_STACK" >/dev/null
+  REPOSITORY_URI=$(state_or_die output "$file" "$BASE_STACK" RepositoryUri)
+  REPOSITORY_NAME=$(state_or_die output "$file" "$BASE_STACK" RepositoryName)
+  CLUSTER=$(state_or_die output "$file" "$BASE_STACK" ClusterName)
+  if [[ -z "${SERVICE_URL:-}" ]]; then
+    SERVICE_URL=$(state_or_die output "$file" "$BASE_STACK" ServiceUrl)
+  fi
+}
+
+# Reads SERVICE_NAME from the service stack; returns 1 when no release was deployed yet.
+load_service() {
+  describe_stack "$SERVICE_STACK" "$WORK/service-stack.json" || return 1
+  SERVICE_NAME=$(state output "$WORK/service-stack.json" "$SERVICE_STACK" ServiceName) || return 1
+}
+
+# Saves DescribeServices and the task definitions of all its deployments into $WORK.
+# Returns 1 (what AWS said is in $WORK/aws.err) when a call fails.
+snapshot_service() {
+  local arns arn file
+  aws_ ecs describe-services --cluster "$CLUSTER" --services "$SERVICE_NAME" --output json \
+    >"$WORK/services.json" 2>"$WORK/aws.err" || return 1
+  arns=$(state taskdefs "$WORK") || { state taskdefs "$WORK" >"$WORK/aws.err"; return 1; }
+  mkdir -p "$WORK/taskdefs"
+  for arn in $arns; do
+    file="$WORK/taskdefs/${arn//[^A-Za-z0-9]/_}.json"
+    # Task definition revisions never change: fetch each once.
+    [[ -s "$file" ]] && continue
+    aws_ ecs describe-task-definition --task-definition "$arn" --output json \
+      >"$file" 2>"$WORK/aws.err" || { rm -f "$file"; return 1; }
+  done
+}
+
+# snapshot_service that dies with the reason when it cannot read the service.
+snapshot_or_die() {
+  snapshot_service || die "cannot read service $SERVICE_NAME in cluster $CLUSTER: $(last_line "$WORK/aws.err")"
+}
+
+# Saves DescribeImages of the repository to $WORK/images.json (all pages: the CLI follows them).
+save_images() {
+  awsq ecr describe-images --repository-name "$REPOSITORY_NAME" --output json >"$WORK/images.json"
+}
+
+# The image tag that $1 (a full or unique short SHA) names in the repository; dies when none.
+resolve_tag() {
+  save_images
+  state_or_die resolve "$WORK/images.json" "$1" "$REPOSITORY_URI"
+}
+
+# `aws cloudformation deploy` that treats "nothing to change" as success. The CLI does so itself
+# for an empty change set; CloudFormation can also answer "No updates are to be performed".
+cfn_deploy() {
+  local out="$WORK/deploy.out"
+  if aws_ cloudformation deploy --no-fail-on-empty-changeset "$@" 2>&1 | tee "$out"; then
+    return 0
+  fi
+  if grep -q 'No updates are to be performed' "$out"; then
+    say "No changes to deploy: the stack is up to date."
+    return 0
+  fi
+  return 1
+}
+
+# Where a failed deploy left stack $1 and why (its first failure), for error lines.
+stack_failure() {
+  describe_stack "$1" "$WORK/stack.json" || true
+  aws_ cloudformation describe-stack-events --stack-name "$1" --max-items 100 --output json \
+    >"$WORK/events.json" 2>/dev/null || rm -f "$WORK/events.json"
+  state stack-failure "$WORK" "$1"
+}
+
+# Dies with the service stack state, its first failure and what is serving now.
+report_failed_deploy() {
+  local what=$1 why now="nothing (the service does not exist)"
+  why=$(stack_failure "$SERVICE_STACK")
+  if load_service && snapshot_service; then now=$(state serving "$WORK" || true); fi
+  die "deploy of $what failed: $why; now serving $now"
+}
+
+# Polls DescribeServices until the rollout of image $1 completes, fails or times out.
+wait_for_rollout() {
+  local expected=$1 timeout=${ROLLOUT_TIMEOUT:-600} msg rc
+  local deadline=$((SECONDS + timeout))
+  while :; do
+    snapshot_or_die
+    rc=0
+    msg=$(state rollout "$WORK" "$expected") || rc=$?
+    case $rc in
+      0) say "$msg"; return 0 ;;
+      3) ;;
+      *) die "$msg" ;;
+    esac
+    ((SECONDS < deadline)) \
+      || die "stuck: $msg after ${timeout}s; now serving $(state serving "$WORK")"
+    say "  $msg"
+    sleep "${POLL_SECONDS:-15}"
+  done
+}
+
+# GET <ServiceUrl>/ready through the load balancer must answer 200 (bounded retries).
+check_ready() {
+  local url="${SERVICE_URL%/}/ready" tries=${READY_TRIES:-12} code=000 i
+  for ((i = 1; i <= tries; i++)); do
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "$url" 2>"$WORK/curl.err") || true
+    if [[ "$code" == 200 ]]; then
+      say "$url answered 200"
+      return 0
+    fi
+    ((i == tries)) || sleep "${READY_INTERVAL:-5}"
+  done
+  local why
+  why=$(last_line "$WORK/curl.err")
+  die "$url answered ${code}${why:+ ($why)} $tries times in a row; ECS runs $(state serving "$WORK")" \
+    "- see make logs"
+}
+
+# Deploys the service stack with image tag $1 (already in ECR) and verifies what serves.
+deploy_release() {
+  local tag=$1 expected="$REPOSITORY_URI:$1"
+  if describe_stack "$SERVICE_STACK" "$WORK/service-stack.json"; then
+    state_or_die stack "$WORK/service-stack.json" "$SERVICE_STACK" >/dev/null
+  fi
+  say "Deploying $expected (stack $SERVICE_STACK, region $AWS_REGION)"
+  cfn_deploy --stack-name "$SERVICE_STACK" --template-file "$ROOT/cloudformation/service.yaml" \
+    --capabilities CAPABILITY_IAM \
+    --parameter-overrides "BaseStackName=$BASE_STACK" "ImageTag=$tag" \
+    || report_failed_deploy "$expected"
+  load_service || die "stack $SERVICE_STACK has no ServiceName output after the deploy"
+  wait_for_rollout "$expected"
+  check_ready
+  say "ok: $expected is live at $SERVICE_URL"
+}

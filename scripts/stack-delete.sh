@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# stack-delete.sh: delete the service stack, then the base stack, after confirmation; say what survives.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat >&2 <<'USAGE'
+usage: make stack-delete [CONFIRM=<stack name>] [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
+Deletes the service stack, then the base stack, after you type the base stack's name (or the
+service stack's, when only it exists); CONFIRM=<that name> answers without a prompt.
+The database has deletion protection: turn it off first (the command is printed).
+What survives the deletion: the final database snapshot, the ECR repository with its images and the
+two Secrets Manager secrets (database credentials, API token); each is printed with how to remove it.
+USAGE
+}
+
+# Dies unless the database of the base stack may be deleted (deletion protection off).
+check_database() {
+  local id protected
+  id=$(state output "$WORK/base.json" "$BASE_STACK" DatabaseInstanceId) || return 0
+  protected=$(awsq rds describe-db-instances --db-instance-identifier "$id" \
+    --query 'DBInstances[0].DeletionProtection' --output text)
+  [[ "$protected" != True ]] || die "database $id has deletion protection on; nothing was deleted." \
+    "Turn it off first: aws rds modify-db-instance --db-instance-identifier $id" \
+    "--no-deletion-protection --apply-immediately --region $AWS_REGION"
+}
+
+# Reads the confirmation from CONFIRM, else from standard input (a terminal or a pipe).
+confirm() {
+  local expected=$1 answer=${CONFIRM:-}
+  if [[ -z "$answer" ]]; then
+    printf 'Type the stack name (%s) to confirm: ' "$expected" >&2
+    if ! read -r answer; then
+      echo >&2
+      die "no confirmation given (no input): type the stack name, or set CONFIRM=$expected"
+    fi
+  fi
+  [[ "$answer" == "$expected" ]] || die "confirmation '$answer' is not '$expected': nothing was deleted"
+}
+
+delete_stack() {
+  say "Deleting stack $1 ..."
+  awsq cloudformation delete-stack --stack-name "$1"
+  aws_ cloudformation wait stack-delete-complete --stack-name "$1" 2>"$WORK/aws.err" \
+    || die "stack $1 was not deleted: $(stack_failure "$1")"
+  say "Deleted stack $1."
+}
+
+# What the base stack retains (DeletionPolicy Retain/Snapshot in base.yaml), with its identifiers.
+survivors() {
+  local id
+  say "What survives, on purpose:"
+  if id=$(state output "$WORK/base.json" "$BASE_STACK" DatabaseInstanceId); then
+    say "  - the final snapshot of database $id:" \
+      "aws rds describe-db-snapshots --db-instance-identifier $id --snapshot-type manual --region $AWS_REGION"
+  fi
+  if id=$(state output "$WORK/base.json" "$BASE_STACK" RepositoryName); then
+    say "  - ECR repository $id with its images (delete: aws ecr delete-repository --force" \
+      "--repository-name $id --region $AWS_REGION)"
+  fi
+  for id in DatabaseSecretArn ApiTokenSecretArn; do
+    if id=$(state output "$WORK/base.json" "$BASE_STACK" "$id"); then
+      say "  - secret $id (delete: aws secretsmanager delete-secret --secret-id $id --region $AWS_REGION)"
+    fi
+  done
+}
+
+main() {
+  [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
+  require_tools aws python3
+  require_credentials
+  local service=false base=false
+  describe_stack "$SERVICE_STACK" "$WORK/service-stack.json" && service=true
+  describe_stack "$BASE_STACK" "$WORK/base.json" && base=true
+  $service || $base || die "nothing to delete: neither $SERVICE_STACK nor $BASE_STACK exists in $AWS_REGION"
+  if $base; then check_database; fi
+  say "This deletes, in $AWS_REGION:"
+  if $service; then say "  - stack $SERVICE_STACK: the ECS service (the API stops answering), its tasks and alarms"; fi
+  if $base; then
+    say "  - stack $BASE_STACK: network, load balancer, cluster, log group (the logs are lost)," \
+      "database (after a final snapshot), alarm topic and deploy role"
+    survivors
+  fi
+  if $base; then confirm "$BASE_STACK"; else confirm "$SERVICE_STACK"; fi
+  if $service; then delete_stack "$SERVICE_STACK"; fi
+  if $base; then delete_stack "$BASE_STACK"; fi
+  say "Done. A later make stack-deploy creates a new, empty database and a new repository."
+}
+
+main "$@"

@@ -1,0 +1,379 @@
+"""The AWS make targets: misuse is refused clearly, and stack-deploy / rollback / history / status /
+logs / stack-delete run end to end against moto's server (a real AWS API emulator on 127.0.0.1).
+
+moto's CloudFormation reports no Outputs for base.yaml (it cannot resolve some of them) and cannot
+run Fargate deployments, so the targets that read outputs also run against a small stack that has
+the base stack's output contract (STUB below). What only a real account shows is in
+test_verify.py's recorded responses.
+"""
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import boto3
+import pytest
+from conftest import ROOT, free_port
+
+VENV_BIN = ROOT / ".venv" / "bin"
+REGION = "eu-west-1"
+MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
+SHA_A = "aaaa1111aaaa1111aaaa1111aaaa1111aaaa1111"
+SHA_B = "bbbb2222bbbb2222bbbb2222bbbb2222bbbb2222"
+# A stack with the outputs the scripts read from the base stack (the Infrastructure contract).
+STUB = {
+    "Resources": {
+        "Repository": {
+            "Type": "AWS::ECR::Repository",
+            "Properties": {"RepositoryName": "cars-api-stub", "ImageTagMutability": "IMMUTABLE"},
+        },
+        "Cluster": {"Type": "AWS::ECS::Cluster"},
+        "LogGroup": {
+            "Type": "AWS::Logs::LogGroup",
+            "Properties": {"LogGroupName": "/ecs/cars-api-stub", "RetentionInDays": 7},
+        },
+    },
+    "Outputs": {
+        "RepositoryName": {"Value": {"Ref": "Repository"}},
+        "RepositoryUri": {"Value": {"Fn::GetAtt": ["Repository", "RepositoryUri"]}},
+        "ClusterName": {"Value": {"Ref": "Cluster"}},
+        "LogGroupName": {"Value": {"Ref": "LogGroup"}},
+        "ServiceUrl": {"Value": "http://127.0.0.1:9"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def moto_url(tmp_path_factory):
+    """moto's server on a free port of 127.0.0.1, for this module's tests."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto server did not start (see {log.name})")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def aws_env(moto_url, tmp_path_factory):
+    """The environment of a user pointed at moto: test credentials, no profile or config files."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        {
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "HOME": str(home),
+            "AWS_ENDPOINT_URL": moto_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": MOTO_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_CONFIG_FILE": str(home / "no-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+    return env
+
+
+def make(target, env, stdin=subprocess.DEVNULL, **variables):
+    """Run `make <target>` as a user would; variables go on the command line."""
+    args = [f"{key}={value}" for key, value in variables.items()]
+    return subprocess.run(
+        ["make", "-s", "-C", str(ROOT), target, *args],
+        env=env,
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines, f"no error line in: {result.stderr}"
+    return lines[-1]
+
+
+def client(service, moto_url, region=REGION):
+    return boto3.client(
+        service,
+        region_name=region,
+        endpoint_url=moto_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key=MOTO_KEY,
+    )
+
+
+def stack_exists(cfn, name):
+    try:
+        cfn.describe_stacks(StackName=name)
+    except cfn.exceptions.ClientError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def base_stack(aws_env):
+    """`make stack-deploy` once, with the real base.yaml, as a first-time user runs it."""
+    return make("stack-deploy", aws_env, GITHUB_REPOSITORY="acme/cars-api")
+
+
+@pytest.fixture(scope="module")
+def stub(aws_env, moto_url):
+    """A stack with the base stack's outputs, two images in its repository and some log events."""
+    cfn = client("cloudformation", moto_url)
+    cfn.create_stack(StackName="cars-api-stub", TemplateBody=json.dumps(STUB))
+    ecr = client("ecr", moto_url)
+    for tag in (SHA_A, SHA_B):
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "size": 7023,
+                "digest": "sha256:" + tag[:8] * 8,
+            },
+            "layers": [],
+        }
+        ecr.put_image(
+            repositoryName="cars-api-stub", imageManifest=json.dumps(manifest), imageTag=tag
+        )
+        time.sleep(1.1)  # distinct push times, so that newest-first is observable
+    logs = client("logs", moto_url)
+    stream = "cars-api/cars-api/0123456789abcdef0123456789abcdef"
+    logs.create_log_stream(logGroupName="/ecs/cars-api-stub", logStreamName=stream)
+    now = int(time.time() * 1000)
+    logs.put_log_events(
+        logGroupName="/ecs/cars-api-stub",
+        logStreamName=stream,
+        logEvents=[
+            {
+                "timestamp": now - 2000,
+                "message": '{"method": "GET", "path": "/cars", "status": 200}',
+            },
+            {
+                "timestamp": now - 1000,
+                "message": '{"method": "GET", "path": "/ready", "status": 200}',
+            },
+        ],
+    )
+    return {**aws_env, "BASE_STACK": "cars-api-stub", "SERVICE_STACK": "cars-api-stub-service"}
+
+
+# Misuse: refused before any AWS call, with a usage line
+
+
+@pytest.mark.parametrize("target", ["release", "deploy", "rollback"])
+def test_target_without_sha_prints_usage(target, aws_env):
+    result = make(target, aws_env)
+    assert result.returncode == 2
+    assert f"usage: make {target} SHA=<commit sha>" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "sha",
+    [
+        "ABCDEF1",
+        "abc12",
+        "a" * 41,
+        "main",
+        "abcdef1 ",
+        "abcdef1;touch {tmp}/pwned",
+        "abcdef1`touch {tmp}/pwned`",
+    ],
+)
+@pytest.mark.parametrize("target", ["release", "deploy", "rollback"])
+def test_malformed_sha_is_refused_before_any_aws_call(target, sha, aws_env, tmp_path):
+    env = {**aws_env, "PATH": "/usr/bin:/bin"}  # no aws CLI here: an AWS call would fail otherwise
+    result = make(target, env, SHA=sha.format(tmp=tmp_path))
+    assert result.returncode == 2
+    assert "is not a commit SHA (7 to 40 lowercase hex characters)" in error_line(result)
+    assert f"usage: make {target} SHA=" in result.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_aws_cli_is_named(aws_env):
+    result = make("deploy", {**aws_env, "PATH": "/usr/bin:/bin"}, SHA=SHA_A)
+    assert result.returncode != 0
+    assert error_line(result).startswith("error: the aws CLI is not installed (or not on PATH)")
+
+
+def test_missing_credentials_are_named(aws_env):
+    env = {
+        k: v for k, v in aws_env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    result = make("status", env)
+    assert result.returncode != 0
+    line = error_line(result)
+    assert line.startswith(f"error: cannot use AWS (profile default, region {REGION}):")
+    assert "credentials" in line
+
+
+def test_missing_base_stack_says_to_run_stack_deploy(aws_env):
+    result = make("history", aws_env, BASE_STACK="no-such-stack")
+    assert result.returncode != 0
+    assert error_line(result) == (
+        f"error: stack no-such-stack not found in {REGION}: create it first with make stack-deploy"
+    )
+
+
+def test_stack_deploy_refuses_a_malformed_github_repository(aws_env):
+    result = make("stack-deploy", aws_env, GITHUB_REPOSITORY="not a repo")
+    assert result.returncode == 2
+    assert "GITHUB_REPOSITORY 'not a repo' is not owner/name" in error_line(result)
+
+
+def test_stack_deploy_without_repository_or_github_remote_prints_usage(aws_env, tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    env = {**aws_env, "GIT_DIR": str(tmp_path / ".git")}
+    env.pop("GITHUB_REPOSITORY", None)
+    result = make("stack-deploy", env)
+    assert result.returncode == 2
+    assert "GITHUB_REPOSITORY is not set" in error_line(result)
+    assert "usage: make stack-deploy" in result.stderr
+
+
+# End to end on moto
+
+
+def test_stack_deploy_creates_the_base_stack_resources(base_stack, moto_url):
+    assert base_stack.returncode == 0, base_stack.stderr
+    assert "Outputs of cars-api-base:" in base_stack.stdout
+    cfn = client("cloudformation", moto_url)
+    stack = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
+    assert stack["StackStatus"] == "CREATE_COMPLETE"
+    parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+    assert parameters["GitHubRepository"] == "acme/cars-api"
+    assert parameters["ServiceStackName"] == "cars-api-service"
+    resources = {
+        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        for r in cfn.list_stack_resources(StackName="cars-api-base")["StackResourceSummaries"]
+    }
+    repo = client("ecr", moto_url).describe_repositories(repositoryNames=[resources["Repository"]])[
+        "repositories"
+    ][0]
+    assert repo["imageTagMutability"] == "IMMUTABLE"
+    # scanOnPush: moto's CloudFormation drops ImageScanningConfiguration; only AWS shows it.
+    clusters = client("ecs", moto_url).describe_clusters(clusters=[resources["Cluster"]])
+    assert clusters["clusters"][0]["status"] == "ACTIVE"
+    groups = client("logs", moto_url).describe_log_groups(logGroupNamePrefix="/ecs/cars-api")
+    group = next(g for g in groups["logGroups"] if g["logGroupName"] == "/ecs/cars-api")
+    assert group["retentionInDays"] == 30
+    ec2 = client("ec2", moto_url)
+    vpc = resources["Vpc"]
+    subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
+    assert len(subnets) == 4
+    groups = ec2.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]}])
+    ids = {g["GroupId"] for g in groups["SecurityGroups"]}
+    for name in ("LoadBalancerSecurityGroup", "ServiceSecurityGroup", "DatabaseSecurityGroup"):
+        assert resources[name] in ids
+    balancers = client("elbv2", moto_url).describe_load_balancers(
+        LoadBalancerArns=[resources["LoadBalancer"]]
+    )
+    assert balancers["LoadBalancers"][0]["Scheme"] == "internet-facing"
+    role = client("iam", moto_url).get_role(RoleName=resources["DeployRole"].split("/")[-1])
+    trust = json.dumps(role["Role"]["AssumeRolePolicyDocument"])
+    assert "repo:acme/cars-api:ref:refs/heads/main" in trust
+    assert "repo:acme/cars-api:environment:production" in trust
+
+
+def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
+    assert base_stack.returncode == 0, base_stack.stderr
+    cfn = client("cloudformation", moto_url)
+    before = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
+    resources = cfn.list_stack_resources(StackName="cars-api-base")["StackResourceSummaries"]
+    again = make("stack-deploy", aws_env, GITHUB_REPOSITORY="acme/cars-api")
+    assert again.returncode == 0, again.stderr
+    assert "No changes to deploy" in again.stdout
+    after = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
+    assert after["StackStatus"] == before["StackStatus"]
+    assert after.get("LastUpdatedTime") == before.get("LastUpdatedTime")
+    assert (
+        cfn.list_stack_resources(StackName="cars-api-base")["StackResourceSummaries"] == resources
+    )
+
+
+def test_rollback_on_the_real_base_stack_changes_nothing_when_it_cannot_proceed(
+    base_stack, aws_env, moto_url
+):
+    result = make("rollback", aws_env, SHA="1234567")
+    assert result.returncode != 0
+    assert error_line(result).startswith("error: ")
+    assert not stack_exists(client("cloudformation", moto_url), "cars-api-service")
+
+
+def test_rollback_to_an_unknown_sha_is_refused_and_changes_nothing(stub, moto_url):
+    cfn = client("cloudformation", moto_url)
+    result = make("rollback", stub, SHA="1234567")
+    assert result.returncode != 0
+    uri = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/cars-api-stub"
+    assert error_line(result) == (
+        f"error: 1234567 is not an image in {uri}: nothing changed "
+        "(make history lists the images you can deploy)"
+    )
+    assert not stack_exists(cfn, "cars-api-stub-service")
+
+
+def test_history_lists_the_pushed_images_newest_first(stub):
+    result = make("history", stub)
+    assert result.returncode == 0, result.stderr
+    tags = [line.split()[2] for line in result.stdout.splitlines() if line[:2] == "20"]
+    assert tags == [SHA_B, SHA_A]
+    assert "live" not in result.stdout.split("LIVE", 1)[1]
+
+
+def test_status_without_a_release_says_how_to_deploy(stub):
+    result = make("status", stub)
+    assert result.returncode == 0, result.stderr
+    assert "No release deployed yet: stack cars-api-stub-service does not exist" in result.stdout
+    assert "url          http://127.0.0.1:9" in result.stdout
+
+
+def test_logs_print_the_newest_events_in_order(stub):
+    result = make("logs", stub, LOG_LINES="1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith('{"method": "GET", "path": "/ready", "status": 200}')
+    assert "01234567" in lines[0]
+
+
+def test_stack_delete_without_confirmation_deletes_nothing(stub, moto_url):
+    result = make("stack-delete", stub)
+    assert result.returncode != 0
+    assert "no confirmation given" in error_line(result)
+    wrong = make("stack-delete", stub, CONFIRM="cars-api-base")
+    assert "is not 'cars-api-stub': nothing was deleted" in error_line(wrong)
+    assert stack_exists(client("cloudformation", moto_url), "cars-api-stub")
+
+
+def test_stack_delete_with_confirmation_deletes_and_says_what_survives(aws_env, moto_url):
+    cfn = client("cloudformation", moto_url, region="eu-central-1")
+    template = {"Resources": STUB["Resources"], "Outputs": STUB["Outputs"]}
+    cfn.create_stack(StackName="doomed", TemplateBody=json.dumps(template))
+    env = {**aws_env, "AWS_REGION": "eu-central-1", "BASE_STACK": "doomed"}
+    result = make("stack-delete", env, CONFIRM="doomed")
+    assert result.returncode == 0, result.stderr
+    assert "What survives, on purpose:" in result.stdout
+    assert "ECR repository cars-api-stub with its images" in result.stdout
+    assert not stack_exists(cfn, "doomed")
+    nothing = make("stack-delete", env, CONFIRM="doomed")
+    assert "nothing to delete: neither cars-api-service nor doomed exists" in error_line(nothing)
