@@ -434,18 +434,20 @@ def validate(data, car_id=None, partial=False):
 
 def list_filters():
     """Parse the query string of GET /cars into (limit, after, filters)."""
+    try:
+        params = request.query.decode()
+    except UnicodeError:
+        raise problem(400, "The query string is not valid UTF-8.") from None
     allowed = {"limit", "after", *FIELDS}
     errors = [
-        {"field": k, "message": "is not a known parameter"}
-        for k in request.query
-        if k not in allowed
+        {"field": k, "message": "is not a known parameter"} for k in params if k not in allowed
     ]
     errors += [
         {"field": k, "message": "is given more than once"}
         for k in allowed
-        if len(request.query.getall(k)) > 1
+        if len(params.getall(k)) > 1
     ]
-    values = {k: request.query.get(k) for k in allowed if k in request.query}
+    values = {k: params.get(k) for k in allowed if k in params}
 
     def number(name, default, low, high):
         raw = values.pop(name, None)

@@ -122,6 +122,16 @@ def test_filters_are_exact(testapp, query, expected):
     assert {car["model"] for car in testapp.get(f"/cars?{query}").json} == expected
 
 
+def test_filters_match_non_ascii_text(testapp):
+    skoda = add(testapp, {"brand": "Škoda", "model": "Octavia", "year": 2021}).json
+    add(testapp)
+    assert testapp.get("/cars", {"brand": "Škoda"}, status=200).json == [skoda]
+
+
+def test_query_that_is_not_utf8_is_400(testapp):
+    assert_problem(testapp.get("/cars?brand=%FF", status=400), 400)
+
+
 def test_filters_are_case_sensitive(testapp):
     add(testapp)
     assert testapp.get("/cars?brand=volkswagen", status=200).json == []
