@@ -291,8 +291,8 @@ def test_stack_deploy_creates_the_base_stack_resources(base_stack, moto_url):
     assert balancers["LoadBalancers"][0]["Scheme"] == "internet-facing"
     role = client("iam", moto_url).get_role(RoleName=resources["DeployRole"].split("/")[-1])
     trust = json.dumps(role["Role"]["AssumeRolePolicyDocument"])
-    assert "repo:acme/cars-api:ref:refs/heads/main" in trust
     assert "repo:acme/cars-api:environment:production" in trust
+    assert "refs/heads" not in trust
 
 
 def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):

@@ -498,15 +498,9 @@ def test_the_deploy_role_trusts_every_subject_the_workflows_present(
     assert audiences == {"sts.amazonaws.com"}
     presented = presented_subjects(workflows)
     assert presented
-    assert presented <= subjects, f"the role would refuse {presented - subjects}"
+    assert presented == subjects, f"refused: {presented - subjects}; unused: {subjects - presented}"
 
 
-def test_the_deploy_role_trusts_only_main_and_the_production_environment(
-    base_template: dict,
-) -> None:
+def test_the_deploy_role_trusts_only_the_production_environment(base_template: dict) -> None:
     subjects, _ = trusted_subjects(base_template)
-    assert subjects
-    assert subjects <= {
-        f"repo:{REPOSITORY}:ref:refs/heads/main",
-        f"repo:{REPOSITORY}:environment:production",
-    }
+    assert subjects == {f"repo:{REPOSITORY}:environment:production"}
