@@ -290,6 +290,19 @@ def test_status_shows_the_live_image_counts_deployments_and_url(replay, ready_se
     assert f"url          http://127.0.0.1:{ready_server.server_port}" in result.stdout
 
 
+def test_status_in_github_actions_writes_the_job_summary_and_url(replay, ready_server, tmp_path):
+    summary, outputs = tmp_path / "summary.md", tmp_path / "outputs"
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    result = replay("status", plan, GITHUB_STEP_SUMMARY=str(summary), GITHUB_OUTPUT=str(outputs))
+    assert result.returncode == 0, result.stderr
+    url = f"http://127.0.0.1:{ready_server.server_port}"
+    shown = summary.read_text()
+    assert f"- Commit: `{NEW}`" in shown
+    assert f"- Image: `{REPOSITORY}:{NEW}`" in shown
+    assert f"- Service: {url}" in shown
+    assert outputs.read_text().splitlines() == [f"url={url}"]
+
+
 # The decision helper alone, on each recorded ECS state
 
 
