@@ -124,7 +124,7 @@ deploy: ## Deploy and verify an image already in ECR (SHA required).
 .PHONY: rollback
 rollback: ## Redeploy an earlier image from ECR, without rebuilding, and verify it (SHA required).
 	$(require_sha)
-	scripts/rollback.sh
+	scripts/deploy.sh
 
 .PHONY: history
 history: ## List the images in ECR, newest first, with push time and which one is live.

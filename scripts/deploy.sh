@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# deploy.sh: deploy an image already in ECR to the service stack and verify that it is what serves.
+# deploy.sh: deploy (or roll back to) an image already in ECR and verify that it is what serves.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -7,9 +7,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
   cat >&2 <<'USAGE'
 usage: make deploy SHA=<commit sha> [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
-Deploys <repository>:<sha> (already pushed; a unique short SHA is expanded to its tag) with
-ImageTag=<sha>, then verifies: the primary ECS deployment runs exactly that image, its rollout is
-COMPLETED (not rolled back, not stuck), running = desired tasks, and <ServiceUrl>/ready answers 200.
+usage: make rollback SHA=<commit sha> [...]   the same, for an earlier image (make history lists them)
+Deploys <repository>:<sha> with ImageTag=<sha>, without rebuilding. A short SHA is expanded when
+exactly one tag starts with it; when <sha> is not an image in the repository it refuses and
+changes nothing. Then it verifies: the primary ECS deployment runs exactly that image, its rollout
+is COMPLETED (not rolled back, not stuck), running = desired tasks, and <ServiceUrl>/ready
+answers 200.
 Tunables: ROLLOUT_TIMEOUT (600 s), POLL_SECONDS (15), READY_TRIES (12), READY_INTERVAL (5 s),
 SERVICE_URL (default: the base stack's ServiceUrl).
 USAGE
@@ -21,7 +24,9 @@ main() {
   require_tools aws python3 curl
   require_credentials
   load_base
-  deploy_release "$(resolve_tag "$SHA")"
+  local tag  # assigned apart from `local` so that a SHA not in ECR stops the script here
+  tag=$(resolve_tag "$SHA")
+  deploy_release "$tag"
 }
 
 main "$@"

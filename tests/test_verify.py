@@ -246,8 +246,9 @@ def test_deploy_to_a_stack_in_a_failed_or_busy_state_is_refused_untouched(replay
     assert deploys(result) == []
 
 
-def test_rollback_to_an_unknown_sha_is_refused_and_changes_nothing(replay):
-    result = replay("rollback SHA=1234567", base_plan(["stack-service.json"], []))
+@pytest.mark.parametrize("target", ["rollback", "deploy"])
+def test_unknown_sha_is_refused_and_changes_nothing(replay, target):
+    result = replay(f"{target} SHA=1234567", base_plan(["stack-service.json"], []))
     assert result.returncode != 0
     assert last_error(result) == (
         f"error: 1234567 is not an image in {REPOSITORY}: nothing changed "
@@ -267,7 +268,7 @@ def test_rollback_with_a_unique_short_sha_deploys_the_full_tag(replay):
     plan = base_plan(["stack-service.json"], ["services-rolled-back.json"])
     result = replay(f"rollback SHA={OLD[:7]}", plan)
     assert result.returncode == 0, result.stderr
-    assert f"Rolling back to {REPOSITORY}:{OLD}" in result.stdout
+    assert f"Deploying {REPOSITORY}:{OLD}" in result.stdout
     assert f"ImageTag={OLD}" in deploys(result)[0]
 
 
