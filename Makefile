@@ -80,7 +80,7 @@ bench: $(DEV) ## Measure throughput, latency, CPU and memory against the bare Bo
 	$(VENV)/bin/python scripts/bench.py
 
 .PHONY: drill
-drill: $(DEV) ## Run the fault drills: database outage and lock, shutdown under load, soak, hostile input.
+drill: $(DEV) ## Run the soak: minutes of mixed load, no errors, flat memory (the short drills run in make test).
 	$(VENV)/bin/pytest -m drill $(PYTEST_ARGS)
 
 .PHONY: clean
