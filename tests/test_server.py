@@ -143,12 +143,12 @@ def test_signal_finishes_the_request_in_flight_and_exits_0(run_server, tmp_path,
     assert call(server, "GET", "/cars")[0] == 200  # the table exists before we lock it
     blocker = sqlite3.connect(tmp_path / f"{server.port}.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the POST below must wait for it
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/cars", json.dumps(GOLF), {"Content-Type": "application/json"})
     result = {}
-    worker = threading.Thread(
-        target=lambda: result.update(res=call(server, "POST", "/cars", GOLF, timeout=30))
-    )
+    worker = threading.Thread(target=lambda: result.update(res=conn.getresponse()))
     worker.start()
-    time.sleep(1.0)
+    time.sleep(1.0)  # the request is sent; the server holds it, waiting for the lock
     server.proc.send_signal(signum)
     time.sleep(0.5)
     assert server.proc.poll() is None, "the server quit with a request in flight"
@@ -156,7 +156,8 @@ def test_signal_finishes_the_request_in_flight_and_exits_0(run_server, tmp_path,
         call(server, "GET", "/health", timeout=2)
     blocker.execute("ROLLBACK")
     worker.join(timeout=30)
-    assert result["res"][0] == 201
+    assert result["res"].status == 201
+    conn.close()
     assert server.stop(timeout=10) == 0
     messages = [e["message"] for e in log_lines(server)]
     assert "stopped" in messages
