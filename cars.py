@@ -42,6 +42,8 @@ log = logging.getLogger("cars")
 
 
 class Settings(NamedTuple):
+    """Everything cars.py reads from the environment, checked."""
+
     host: str
     port: int
     threads: int
