@@ -9,7 +9,7 @@ usage() {
   cat >&2 <<'USAGE'
 usage: make stack-deploy [GITHUB_REPOSITORY=owner/name] [AWS_REGION=...] [BASE_STACK=...]
 Creates or updates the base stack from cloudformation/base.yaml.
-  GITHUB_REPOSITORY     repository whose main branch / production environment may deploy
+  GITHUB_REPOSITORY     repository whose production environment may deploy
                         (default: derived from `git remote get-url origin`)
 Optional, passed only when set (otherwise the stack keeps its current value or the default):
   CREATE_OIDC_PROVIDER  'false' when the account already has the GitHub OIDC provider
@@ -19,7 +19,7 @@ Optional, passed only when set (otherwise the stack keeps its current value or t
   DB_INSTANCE_CLASS     e.g. db.t4g.small
   LOG_RETENTION_DAYS    e.g. 90
   ALARM_EMAIL           address subscribed to the alarms
-  VPC_CIDR              /16 of the VPC (default 10.20.0.0/16)
+  REPOSITORY_NAME       ECR repository name (default cars-api)
 USAGE
 }
 
@@ -46,8 +46,8 @@ parameters() {
   echo "GitHubRepository=$1"
   echo "ServiceStackName=$SERVICE_STACK"
   for pair in CreateGitHubOidcProvider=CREATE_OIDC_PROVIDER CertificateArn=CERTIFICATE_ARN \
-    DomainName=DOMAIN_NAME DatabaseMultiAz=DB_MULTI_AZ DatabaseInstanceClass=DB_INSTANCE_CLASS \
-    LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL VpcCidr=VPC_CIDR; do
+    DomainName=DOMAIN_NAME RepositoryName=REPOSITORY_NAME DatabaseMultiAz=DB_MULTI_AZ DatabaseInstanceClass=DB_INSTANCE_CLASS \
+    LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL; do
     name=${pair%%=*}
     var=${pair#*=}
     [[ -z "${!var:-}" ]] || echo "$name=${!var}"

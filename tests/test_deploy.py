@@ -9,12 +9,14 @@ test_verify.py's recorded responses.
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.request
 
 import boto3
 import pytest
+from cfnlint.decode import decode
 from conftest import ROOT, free_port
 
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -377,3 +379,12 @@ def test_stack_delete_with_confirmation_deletes_and_says_what_survives(aws_env, 
     assert not stack_exists(cfn, "doomed")
     nothing = make("stack-delete", env, CONFIRM="doomed")
     assert "nothing to delete: neither cars-api-service nor doomed exists" in error_line(nothing)
+
+
+def test_every_stack_deploy_setting_names_a_base_stack_parameter():
+    script = (ROOT / "scripts" / "stack-deploy.sh").read_text()
+    passed = set(re.findall(r"\b([A-Z][A-Za-z]+)=[A-Z_]+\b", script))
+    passed |= set(re.findall(r'echo "([A-Z][A-Za-z]+)=\$', script))
+    template, _ = decode(str(ROOT / "cloudformation" / "base.yaml"))
+    assert passed
+    assert passed <= set(template["Parameters"]), passed - set(template["Parameters"])
