@@ -85,7 +85,8 @@ main() {
   if $base; then confirm "$BASE_STACK"; else confirm "$SERVICE_STACK"; fi
   if $service; then delete_stack "$SERVICE_STACK"; fi
   if $base; then delete_stack "$BASE_STACK"; fi
-  say "Done. A later make stack-deploy creates a new, empty database and a new repository."
+  say "Done. A later make stack-deploy creates a new, empty database; delete the ECR repository" \
+    "above first, or give it REPOSITORY_NAME=<another name>, since the name is still taken."
 }
 
 main "$@"
