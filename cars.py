@@ -850,7 +850,12 @@ def busy(dispatchers):
 
 
 def serve(settings):
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return."""
+    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return.
+
+    Waitress has no drain of its own (its run() drops queued work after 5 s and never flushes
+    what the threads wrote), so this runs its event loop itself. It relies on waitress 3.0's
+    socket map and channel attributes, which requirements.txt pins and the shutdown tests cover.
+    """
     server = waitress.create_server(
         app,
         host=settings.host,
@@ -862,7 +867,7 @@ def serve(settings):
         max_request_header_size=16 * 1024,
         max_request_body_size=1024 * 1024,
     )
-    sockets = getattr(server, "map", None) or server._map
+    sockets = getattr(server, "map", None) or server._map  # several listeners, or one
     listeners = [d for d in sockets.values() if isinstance(d, waitress.server.BaseWSGIServer)]
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
