@@ -852,9 +852,9 @@ def busy(dispatchers):
 def serve(settings):
     """Serve until SIGTERM or SIGINT, then finish in-flight requests and return.
 
-    Waitress has no drain of its own (its run() drops queued work after 5 s and never flushes
-    what the threads wrote), so this runs its event loop itself. It relies on waitress 3.0's
-    socket map and channel attributes, which requirements.txt pins and the shutdown tests cover.
+    Waitress has no drain of its own (on an interrupt its run() leaves the event loop that sends
+    responses, then cancels queued requests), so this runs that loop itself. It relies on 3.0's
+    socket map and channel attributes (waitress is pinned; the shutdown tests cover them).
     """
     server = waitress.create_server(
         app,
