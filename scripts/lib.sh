@@ -112,7 +112,8 @@ snapshot_service() {
   local arns arn file
   aws_ ecs describe-services --cluster "$CLUSTER" --services "$SERVICE_NAME" --output json \
     >"$WORK/services.json" 2>"$WORK/aws.err" || return 1
-  arns=$(state taskdefs "$WORK") || { state taskdefs "$WORK" >"$WORK/aws.err"; return 1; }
+  # The helper prints its reason on stdout when it fails: keep it as the error to report.
+  arns=$(state taskdefs "$WORK") || { printf '%s\n' "$arns" >"$WORK/aws.err"; return 1; }
   mkdir -p "$WORK/taskdefs"
   for arn in $arns; do
     file="$WORK/taskdefs/${arn//[^A-Za-z0-9]/_}.json"
