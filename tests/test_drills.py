@@ -266,14 +266,10 @@ class Writers:
         return None
 
 
-def thread_count(pid):
+def proc_status(pid, key):
+    """Return one number from /proc/<pid>/status (Threads, or VmRSS in KiB)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
-
-
-def rss_kib(pid):
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(key + ":")))
 
 
 # -- Database outage: killed, or frozen --------------------------------------------------------
@@ -375,7 +371,7 @@ def test_locked_database_gives_bounded_503_and_recovers_on_release(run_server, m
     server = run_server({**mariadb.env(database), "THREADS": str(threads)})
     locked = call(server.port, "POST", "/cars", car("locked")).body["id"]
     other = call(server.port, "POST", "/cars", car("other")).body["id"]
-    before = thread_count(server.proc.pid)
+    before = proc_status(server.proc.pid, "Threads")
 
     locker = mariadb.connect(database)
     try:
@@ -397,7 +393,7 @@ def test_locked_database_gives_bounded_503_and_recovers_on_release(run_server, m
         workers = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
         for worker in workers:
             worker.start()
-        during = thread_count(server.proc.pid)
+        during = proc_status(server.proc.pid, "Threads")
         if lock == "row":  # a row lock must not block the rest of the table
             assert call(server.port, "GET", f"/cars/{locked}").status == 200
             assert call(server.port, "PUT", f"/cars/{other}", car("free")).status == 200
@@ -531,7 +527,7 @@ def test_soak_of_mixed_load_has_no_errors_and_flat_memory(run_server, mysql_data
         samples = []
         while time.monotonic() < deadline and any(t.is_alive() for t in clients):
             time.sleep(1)
-            samples.append((time.monotonic(), rss_kib(server.proc.pid)))
+            samples.append((time.monotonic(), proc_status(server.proc.pid, "VmRSS")))
         for thread in clients:
             thread.join(timeout=REQUEST_BOUND + 5)
     finally:
