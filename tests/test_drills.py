@@ -423,7 +423,7 @@ def test_locked_database_gives_bounded_503_and_recovers_on_release(run_server, m
 
 def test_sigterm_under_load_completes_accepted_requests_and_exits_0(run_server, tmp_path):
     db_path = tmp_path / "shutdown.db"
-    server = run_server({"SQLITE_PATH": str(db_path), "DB_TIMEOUT": "20"})
+    server = run_server({"SQLITE_PATH": str(db_path), "DB_TIMEOUT": "10"})
     seed = call(server.port, "POST", "/cars", car("seed")).body["id"]
     stopping = threading.Event()
     reads = []
