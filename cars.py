@@ -8,6 +8,7 @@ or in an embedded SQLite file when MYSQL_HOST is unset. Run it with `make run` o
 import datetime
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ class Settings(NamedTuple):
     log_level: str
     db_timeout: float
     queue_timeout: float
+    anonymous_writes: bool
 
 
 def env_number(environ, name, default, kind, low, high):
@@ -89,7 +91,7 @@ def load_settings(environ):
         sys.exit(
             f"cars-api: LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}"
         )
-    return Settings(
+    settings = Settings(
         host=environ.get("HOST", "").strip() or "127.0.0.1",
         port=env_number(environ, "PORT", 8080, int, 1, 65535),
         threads=env_number(environ, "THREADS", 8, int, 1, 256),
@@ -103,7 +105,22 @@ def load_settings(environ):
         log_level=level,
         db_timeout=env_number(environ, "DB_TIMEOUT", 5, float, 0.5, MAX_DB_TIMEOUT),
         queue_timeout=env_number(environ, "QUEUE_TIMEOUT", 0.5, float, 0.05, MAX_QUEUE_TIMEOUT),
+        anonymous_writes=environ.get("ALLOW_ANONYMOUS_WRITES", "").strip().lower() == "true",
     )
+    if settings.api_token is None and not (loopback(settings.host) or settings.anonymous_writes):
+        sys.exit(
+            f"cars-api: API_TOKEN is required when listening on {settings.host}, which is not "
+            "loopback; set ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes anyway"
+        )
+    return settings
+
+
+def loopback(host):
+    """Tell whether a listen address is reachable from this machine only."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def api_token(environ):
