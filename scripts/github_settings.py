@@ -305,7 +305,7 @@ def print_ids(found: dict) -> None:
         f"For make stack-deploy: GITHUB_REPOSITORY={found['full_name']}"
         f" GITHUB_REPOSITORY_ID={found['id']} GITHUB_OWNER_ID={found['owner']['id']}"
     )
-    print("Token subjects the deploy role trusts:")
+    print("Token subjects the deploy role must trust (and no others):")
     for subject in subjects(found):
         print(f"  {subject}")
 
@@ -321,9 +321,52 @@ def report(repo: str, drift: list[str], fix: str) -> int:
     return 1
 
 
-def write(method: str, path: str, body: dict | None, what: str) -> None:
+def write(method: str, path: str, body: dict | None, what: str) -> int:
+    """Make one write, say what it did and count it."""
     gh(method, path, body)
     print(what)
+    return 1
+
+
+def setup_sub(repo: str) -> int:
+    """Set the subject claim keys unless they are set already; the number of writes."""
+    if not sub_drift(read_sub(repo)):
+        return 0
+    body = {"use_default": False, "include_claim_keys": CLAIM_KEYS}
+    path = f"repos/{repo}/actions/oidc/customization/sub"
+    return write("PUT", path, body, f"set: OIDC subject claim keys {', '.join(CLAIM_KEYS)}")
+
+
+def setup_environment(repo: str, entries: list[dict], names: str) -> int:
+    """Create or correct the environment unless it is as wanted; the number of writes."""
+    environment = read_environment(repo)
+    if not environment_drift(environment) and sorted_entries(
+        current_reviewers(environment)
+    ) == sorted_entries(entries):
+        return 0
+    body = {
+        "prevent_self_review": True,
+        "reviewers": entries,
+        "deployment_branch_policy": BRANCH_POLICY,
+        "can_admins_bypass": False,
+    }
+    what = f"set: environment {ENVIRONMENT}: {BRANCH} only, no self-review or bypass, {names}"
+    return write("PUT", f"repos/{repo}/environments/{ENVIRONMENT}", body, what)
+
+
+def setup_branch_rules(repo: str) -> int:
+    """Leave exactly one deployment rule, for main; the number of writes."""
+    path = f"repos/{repo}/environments/{ENVIRONMENT}/deployment-branch-policies"
+    rules = read_branch_rules(repo)
+    writes = 0
+    for rule in rules:
+        if not is_main(rule):
+            what = f"removed: deployment rule {rule.get('type', 'branch')} '{rule.get('name')}'"
+            writes += write("DELETE", f"{path}/{rule['id']}", None, what)
+    if not any(is_main(rule) for rule in rules):
+        body = {"name": BRANCH, "type": "branch"}
+        writes += write("POST", path, body, f"set: deployment rule branch {BRANCH}")
+    return writes
 
 
 def setup(environ: dict) -> int:
@@ -331,44 +374,11 @@ def setup(environ: dict) -> int:
     repo = repository(environ)
     wanted = reviewers(environ.get("REVIEWERS", ""), repo.split("/")[0])
     found = read_repository(repo)
-    repo, owner = found["full_name"], found["owner"]["login"]
-    entries = reviewer_ids(wanted, owner)
-    changed = 0
-    if sub_drift(read_sub(repo)):
-        body = {"use_default": False, "include_claim_keys": CLAIM_KEYS}
-        write(
-            "PUT",
-            f"repos/{repo}/actions/oidc/customization/sub",
-            body,
-            "set: OIDC subject claim keys",
-        )
-        changed += 1
-    environment = read_environment(repo)
-    if environment_drift(environment) or sorted_entries(
-        current_reviewers(environment)
-    ) != sorted_entries(entries):
-        body = {
-            "prevent_self_review": True,
-            "reviewers": entries,
-            "deployment_branch_policy": BRANCH_POLICY,
-            "can_admins_bypass": False,
-        }
-        names = ", ".join(f"{kind.lower()} {name}" for kind, name in wanted)
-        what = f"set: environment {ENVIRONMENT}: {BRANCH} only, no self-review or bypass, {names}"
-        write("PUT", f"repos/{repo}/environments/{ENVIRONMENT}", body, what)
-        changed += 1
-    rules_path = f"repos/{repo}/environments/{ENVIRONMENT}/deployment-branch-policies"
-    rules = read_branch_rules(repo)
-    for rule in rules:
-        if not is_main(rule):
-            what = f"removed: deployment rule {rule.get('type', 'branch')} '{rule.get('name')}'"
-            write("DELETE", f"{rules_path}/{rule['id']}", None, what)
-            changed += 1
-    if not any(is_main(rule) for rule in rules):
-        body = {"name": BRANCH, "type": "branch"}
-        write("POST", rules_path, body, f"set: deployment rule branch {BRANCH}")
-        changed += 1
-    if not changed:
+    repo = found["full_name"]
+    entries = reviewer_ids(wanted, found["owner"]["login"])
+    names = ", ".join(f"{kind.lower()} {name}" for kind, name in wanted)
+    writes = setup_sub(repo) + setup_environment(repo, entries, names) + setup_branch_rules(repo)
+    if not writes:
         print(f"{repo}: nothing to change")
     status = report(repo, drift_of(repo), "GitHub did not keep what was written (plan or rights?)")
     print_ids(found)
