@@ -254,7 +254,7 @@ def environment_drift(environment: dict | None) -> list[str]:
         drift.append(f"{where}: any branch may deploy (want selected branches: only {BRANCH})")
     elif policy != BRANCH_POLICY:
         drift.append(
-            f"{where}: deployment branches {policy} (want selected branches: only {BRANCH})"
+            f"{where}: any protected branch may deploy (want selected branches: only {BRANCH})"
         )
     return drift
 

@@ -314,6 +314,20 @@ def test_check_reports_a_sub_claim_with_keys_in_another_order(github):
     ]
 
 
+def test_check_reports_deployments_from_any_protected_branch(github):
+    github.answers()
+    environment = json.loads((RECORDED / "compliant.json").read_text())[f"GET {ENV}"]["body"]
+    protected = {"protected_branches": True, "custom_branch_policies": False}
+    github.override(f"GET {ENV}", 200, environment | {"deployment_branch_policy": protected})
+    result = check(github)
+    assert result.returncode == 1
+    assert drift_lines(result) == [
+        "drift: environment production: any protected branch may deploy"
+        " (want selected branches: only main)"
+    ]
+    assert github.calls() == [("GET", REPO_PATH, None), ("GET", SUB, None), ("GET", ENV, None)]
+
+
 # GITHUB_REPOSITORY and gh
 
 
