@@ -349,12 +349,18 @@ def test_malformed_github_repository_is_a_usage_error(github):
     assert github.calls() == []
 
 
-@pytest.fixture
-def origin(github, tmp_path):
-    """A git repository whose origin remote is the recorded repository, over SSH."""
+@pytest.fixture(
+    params=[
+        "git@github.com:octo-org/cars-api.git",
+        "https://github.com/octo-org/cars-api",
+        "ssh://git@github.com/octo-org/cars-api.git/",
+    ]
+)
+def origin(github, tmp_path, request):
+    """A git repository whose origin remote is the recorded repository, as SSH or HTTPS URL."""
     subprocess.run(["git", "init", "-q", str(tmp_path / "clone")], check=True)
     git_dir = tmp_path / "clone" / ".git"
-    remote = "git@github.com:octo-org/cars-api.git"
+    remote = request.param
     subprocess.run(
         ["git", "--git-dir", str(git_dir), "remote", "add", "origin", remote], check=True
     )
@@ -363,7 +369,7 @@ def origin(github, tmp_path):
     return github
 
 
-@pytest.mark.parametrize("answer", ["", "y\n", "octo-org/other\n"])
+@pytest.mark.parametrize("answer", ["", "y\n", "octo-org/other\n", "octo-org/cars-api.git\n"])
 def test_repository_from_origin_is_refused_unless_typed_back(origin, answer):
     result = script("check", origin.env, stdin=answer)
     assert result.returncode == 2
