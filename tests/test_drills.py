@@ -381,8 +381,11 @@ def test_locked_database_gives_bounded_503_and_recovers_on_release(run_server, m
             else:
                 cur.execute("BEGIN")
                 cur.execute("SELECT id FROM cars WHERE id = %s FOR UPDATE", (locked,))
-        # Three times as many blocked requests as worker threads, all at once.
-        jobs = [("PUT", f"/cars/{locked}", car("changed"))] * (3 * threads)
+        # A table lock: three times as many blocked requests as worker threads, all at once. A
+        # row lock: one worker stays free, to show that the rest of the table is still served
+        # (with every worker waiting, requests are shed: see tests/test_serving.py).
+        blocked = 3 * threads if lock == "table" else threads - 1
+        jobs = [("PUT", f"/cars/{locked}", car("changed"))] * blocked
         if lock == "table":
             jobs += [("GET", f"/cars/{other}", None), ("POST", "/cars", car("new"))] * threads
         results = [None] * len(jobs)
