@@ -310,7 +310,8 @@ def test_history_lists_images_newest_first_and_marks_the_live_one(replay):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line[:4] in ("2025", "2026")]
     assert [row.split()[2] for row in rows[:2]] == [NEW, OLD]
-    assert rows[0].endswith("live")
+    assert rows[0].endswith("live")  # by digest: the task definition names no tag
+    assert NEW_DIGEST[:19] in rows[0]
     assert not any(row.endswith("live") for row in rows[1:])
     assert "HIGH=1 MEDIUM=2" in rows[0]
 
