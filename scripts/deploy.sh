@@ -46,7 +46,9 @@ main() {
   digest=$(tag_digest "$tag")
   if ! scan_gate "$digest" "" "$allow"; then
     local hint="fix them (rebuild on patched packages) or excuse each in .github/scan-allowlist"
-    [[ "${DEPLOY_KIND:-}" != rollback ]] || hint="to roll back anyway: make rollback SHA=$SHA ALLOW_VULNERABLE=true"
+    if [[ "${DEPLOY_KIND:-}" == rollback ]]; then
+      hint="to roll back anyway: make rollback SHA=$SHA ALLOW_VULNERABLE=true"
+    fi
     die "$SCAN_REFUSAL: nothing changed; $hint"
   fi
   verify_attestation "$digest"

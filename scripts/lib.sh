@@ -145,7 +145,10 @@ resolve_tag() {
 # Stops a release or deploy while DEPLOY_FREEZE is set; make rollback is the one way through.
 check_freeze() {
   [[ -z "${DEPLOY_FREEZE:-}" ]] && return 0
-  [[ "${DEPLOY_KIND:-}" == rollback ]] && { say "DEPLOY_FREEZE is set ($DEPLOY_FREEZE): rolling back anyway"; return 0; }
+  if [[ "${DEPLOY_KIND:-}" == rollback ]]; then
+    say "DEPLOY_FREEZE is set ($DEPLOY_FREEZE): rolling back anyway"
+    return 0
+  fi
   die "deploys are frozen (DEPLOY_FREEZE=$DEPLOY_FREEZE): nothing changed; only make rollback" \
     "may change the service until the freeze is lifted"
 }

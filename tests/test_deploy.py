@@ -185,7 +185,7 @@ def stub(aws_env, moto_url):
 # Misuse: refused before any AWS call, with a usage line
 
 
-@pytest.mark.parametrize("target", ["release", "deploy", "rollback"])
+@pytest.mark.parametrize("target", ["release", "push", "deploy", "rollback"])
 def test_target_without_sha_prints_usage(target, aws_env):
     result = make(target, aws_env)
     assert result.returncode == 2
