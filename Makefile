@@ -21,14 +21,21 @@ BASE_STACK ?= $(STACK_PREFIX)-base
 SERVICE_STACK ?= $(STACK_PREFIX)-service
 GITHUB_REPOSITORY ?=
 REVIEWERS ?=
+IMAGE_ARCHIVE ?=
+IMAGE_ID ?=
+ALLOW_VULNERABLE ?=
+DEPLOY_FREEZE ?=
 
 # The scripts read their settings from the environment, never from their arguments.
 export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK GITHUB_REPOSITORY
-export REVIEWERS
+export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
-# SHA comes through the environment so that nothing the caller typed is pasted into a shell line.
+# The recipes read SHA from the shell's environment ($${SHA}), never as $(SHA), so its text is
+# never pasted into a shell line. Make still expands a command-line SHA=... before any check
+# (a $(shell ...) in it runs), while a SHA taken from the environment reaches the scripts
+# untouched: that is why the workflows set SHA with env: and run a bare `make release`.
 require_sha = @[[ -n "$${SHA:-}" ]] || { echo "usage: make $@ SHA=<commit sha>  (7 to 40 hex characters)" >&2; exit 2; }
 
 ##@ General
@@ -99,6 +106,10 @@ image: ## Build the image cars-api:<SHA> (SHA defaults to the current commit; CO
 image-test: ## Build the image, run it and check health, the walk-through, non-root, fast stop and contents.
 	scripts/image-test.sh
 
+.PHONY: image-save
+image-save: ## Save the built image cars-api:<SHA> to dist/image.tar and its ID to dist/image.id (for the release job).
+	scripts/image-save.sh
+
 .PHONY: up
 up: ## Start MySQL and the API with docker compose on http://127.0.0.1:8080.
 	$(CONTAINER) compose up --build --detach --wait
@@ -114,26 +125,31 @@ stack-deploy: ## Create or update the long-lived stacks; prints the repository U
 	scripts/stack-deploy.sh
 
 .PHONY: release
-release: ## Build and push cars-api:<SHA>, deploy it and verify what serves (SHA required).
+release: ## Build (or load IMAGE_ARCHIVE), push, pass the scan gate, deploy by digest and verify (SHA required).
 	$(require_sha)
-	scripts/release.sh
+	DEPLOY_KIND=release scripts/release.sh
+
+.PHONY: push
+push: ## The first half of release: push cars-api:<SHA> and pass the scan gate, deploy nothing (SHA required).
+	$(require_sha)
+	DEPLOY_KIND=release RELEASE_STEP=push scripts/release.sh
 
 .PHONY: deploy
-deploy: ## Deploy and verify an image already in ECR (SHA required).
+deploy: ## Deploy an image already in ECR by digest after the scan gate and attestation check (SHA required).
 	$(require_sha)
-	scripts/deploy.sh
+	DEPLOY_KIND=deploy scripts/deploy.sh
 
 .PHONY: rollback
-rollback: ## Redeploy an earlier image from ECR, without rebuilding, and verify it (SHA required).
+rollback: ## Redeploy an earlier image from ECR by digest and verify it (SHA required; ALLOW_VULNERABLE=true).
 	$(require_sha)
-	scripts/deploy.sh
+	DEPLOY_KIND=rollback scripts/deploy.sh
 
 .PHONY: history
-history: ## List the images in ECR, newest first, with push time and which one is live.
+history: ## List the images in ECR, newest first, with push time, digest, scan and which one is live.
 	scripts/history.sh
 
 .PHONY: status
-status: ## Show the live image, running/desired tasks, recent deployments and the URL.
+status: ## Show the live image digest and commit, running/desired tasks, recent deployments and the URL.
 	scripts/status.sh
 
 .PHONY: logs

@@ -4,7 +4,8 @@ The shell scripts make every AWS call (AWS CLI v1 or v2) and save the JSON answe
 reads files, so the decisions (is the rollout complete, rolled back, stuck, serving the wrong image)
 live in one place that tests drive with recorded responses. Standard library only.
 
-Exit status: 0 = done/ok, 1 = failed (the line printed says what happened), 3 = not finished yet.
+Exit status: 0 = done/ok, 1 = failed (the line printed says what happened), 3 = not finished yet,
+4 = the scan gate refuses the image (only an explicit override may pass it).
 """
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-OK, FAILED, PENDING = 0, 1, 3
+OK, FAILED, PENDING, REFUSED = 0, 1, 3, 4
 CONTAINER = "cars-api"  # the fixed container name in service.yaml
 BUSY_SUFFIX = "_IN_PROGRESS"
 # States in which a stack can only be deleted (its creation failed or a delete half-ran).
@@ -256,12 +257,24 @@ def deployments_table(service: dict, images: dict[str, str]) -> list[str]:
     return lines
 
 
-def status(services_doc, images: dict[str, str], url: str) -> list[str]:
+def commit_of(stack_doc, image: str) -> str:
+    """The commit of the live image: the stack's ImageTag when its digest is the live one."""
+    for item in (the_stack(stack_doc) or {}).get("Parameters") or []:
+        if item.get("ParameterKey") == "ImageTag":
+            sha, _, digest = item.get("ParameterValue", "").partition("@")
+            if digest and image.endswith(f"@{digest}"):
+                return sha
+    return "unknown (the live image is not the one the service stack names)"
+
+
+def status(services_doc, images: dict[str, str], url: str, stack_doc=None) -> list[str]:
     service = the_service(services_doc)
     primary = next((d for d in service.get("deployments") or [] if d["status"] == "PRIMARY"), {})
+    live = image_of(primary, images) if primary else "none"
     lines = [
         f"service      {service['serviceName']} ({service.get('status')})",
-        f"live image   {image_of(primary, images) if primary else 'none'}",
+        f"live image   {live}",
+        f"commit       {commit_of(stack_doc, live)}",
         f"tasks        {service.get('runningCount', 0)} running / "
         f"{service.get('desiredCount', 0)} desired ({service.get('pendingCount', 0)} pending)",
         f"url          {url}",
@@ -300,12 +313,27 @@ def resolve(images_doc, sha: str, repository: str) -> str:
     )
 
 
-def history(images_doc, live_image: str) -> list[str]:
+def is_live(image: dict, live_image: str) -> bool:
+    """True when the live image (repository@digest, or repository:tag of old) is this one."""
+    if "@" in live_image:
+        return live_image.rsplit("@", 1)[-1] == image.get("imageDigest")
     live_tag = live_image.rsplit(":", 1)[-1] if live_image else ""
+    return bool(live_tag) and live_tag in (image.get("imageTags") or [])
+
+
+def digest_of(images_doc, tag: str) -> str:
+    """The digest the tag names in the saved DescribeImages answer."""
+    for image in tags_of(images_doc):
+        if tag in (image.get("imageTags") or []):
+            return image["imageDigest"]
+    raise StateError(f"{tag} is not a tag in the repository: nothing changed")
+
+
+def history(images_doc, live_image: str) -> list[str]:
     rows = sorted(tags_of(images_doc), key=lambda i: sort_key(i.get("imagePushedAt")), reverse=True)
     if not rows:
         return ["no images in the repository yet: make release SHA=<commit sha> pushes one"]
-    lines = [f"{'PUSHED (UTC)':19}  {'TAG':40}  {'SCAN':24}  LIVE"]
+    lines = [f"{'PUSHED (UTC)':19}  {'TAG':40}  {'DIGEST':19}  {'SCAN':24}  LIVE"]
     for image in rows:
         tags = image.get("imageTags") or []
         name = ",".join(tags) if tags else f"(untagged {image.get('imageDigest', '')[:19]})"
@@ -313,11 +341,141 @@ def history(images_doc, live_image: str) -> list[str]:
         scan = " ".join(f"{k}={v}" for k, v in sorted(counts.items())) if counts else "-"
         if counts == {}:
             scan = "no findings"
-        mark = "live" if live_tag and live_tag in tags else ""
-        lines.append(
-            f"{when(image.get('imagePushedAt')):19}  {name:40}  {scan:24}  {mark}".rstrip()
-        )
+        mark = "live" if is_live(image, live_image) else ""
+        digest, pushed = image.get("imageDigest", "")[:19], when(image.get("imagePushedAt"))
+        lines.append(f"{pushed:19}  {name:40}  {digest:19}  {scan:24}  {mark}".rstrip())
     return lines
+
+
+def same_image(batch_doc, local_id: str, reference: str) -> str:
+    """Confirm the tag in ECR holds the local image: its manifest or config digest is local_id."""
+    found = (batch_doc or {}).get("images") or []
+    if not found:
+        raise StateError(f"{reference} could not be read from the repository: nothing was pushed")
+    digest = found[0].get("imageId", {}).get("imageDigest", "")
+    manifest = json.loads(found[0].get("imageManifest") or "{}")
+    config = (manifest.get("config") or {}).get("digest", "")
+    if local_id in (digest, config):
+        return f"{reference} is already in ECR and is the same image ({local_id}): not pushed again"
+    # The config holds the labels, so a different config digest is also a different revision label.
+    raise StateError(
+        f"{reference} is already in ECR but holds another image (manifest {digest}, config "
+        f"{config or 'unknown'}), not {local_id} built and tested for this commit: tags are "
+        "immutable, so nothing was pushed or deployed; find out who pushed it, then delete that "
+        "tag or release another commit"
+    )
+
+
+# ECR image scan
+
+# What stops a release: every CRITICAL finding, and HIGH findings that have a fix (enhanced
+# scanning says so per finding; basic scanning never does, so its HIGH findings count as fixable).
+SCAN_WAIT = {"IN_PROGRESS", "PENDING"}
+SCAN_DONE = {"COMPLETE", "ACTIVE"}  # ACTIVE: enhanced (continuous) scanning keeps watching
+
+
+def is_date(text: str) -> bool:
+    """True for a calendar date written YYYY-MM-DD."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").strftime("%Y-%m-%d") == text
+    except ValueError:
+        return False
+
+
+def allowlist(path: Path, today: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(id -> reason of live entries, id -> expiry of expired ones) from the allow-list file."""
+    live, expired = {}, {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 2)
+        if len(parts) < 3 or not is_date(parts[1]):
+            raise StateError(
+                f"{path.name}:{number}: expected "
+                "'<vulnerability id> <YYYY-MM-DD expiry> <reason>', "
+                f"got {raw.strip()!r}"
+            )
+        vulnerability, expiry, reason = parts
+        if expiry < today:
+            expired[vulnerability] = expiry
+        else:
+            live[vulnerability] = f"{reason} (until {expiry})"
+    return live, expired
+
+
+def findings(doc) -> list[dict]:
+    """The active findings of a DescribeImageScanFindings answer, basic and enhanced alike."""
+    scan = (doc or {}).get("imageScanFindings") or {}
+    found = []
+    for item in scan.get("findings") or []:
+        attributes = {a.get("key"): a.get("value", "") for a in item.get("attributes") or []}
+        package = f"{attributes.get('package_name', '?')} {attributes.get('package_version', '')}"
+        found.append(
+            {
+                "id": item.get("name", "?"),
+                "severity": item.get("severity", "UNDEFINED"),
+                "package": package.strip(),
+                "fix": "UNKNOWN",
+            }
+        )
+    for item in scan.get("enhancedFindings") or []:
+        if item.get("status", "ACTIVE") != "ACTIVE":
+            continue  # SUPPRESSED or CLOSED
+        details = item.get("packageVulnerabilityDetails") or {}
+        packages = details.get("vulnerablePackages") or [{}]
+        package = f"{packages[0].get('name', '?')} {packages[0].get('version', '')}"
+        found.append(
+            {
+                "id": details.get("vulnerabilityId") or item.get("title", "?"),
+                "severity": item.get("severity", "UNDEFINED"),
+                "package": package.strip(),
+                "fix": item.get("fixAvailable", "UNKNOWN"),
+            }
+        )
+    return found
+
+
+def blocks(finding: dict) -> bool:
+    return finding["severity"] == "CRITICAL" or (
+        finding["severity"] == "HIGH" and finding["fix"] != "NO"
+    )
+
+
+def scan_verdict(doc, allowed: dict[str, str], expired: dict[str, str]) -> tuple[int, str]:
+    """Whether the scanned image may be deployed: done and no blocking finding left unexcused."""
+    digest = (doc or {}).get("imageId", {}).get("imageDigest", "the image")
+    scan_status = (doc or {}).get("imageScanStatus") or {}
+    state = scan_status.get("status", "UNKNOWN")
+    if state in SCAN_WAIT:
+        return PENDING, f"the ECR scan of {digest} is {state}"
+    if state not in SCAN_DONE:
+        why = scan_status.get("description") or "no description"
+        return REFUSED, f"the ECR scan of {digest} is {state} ({why}), so nothing clears the image"
+    found = findings(doc)
+    blocking = [f for f in found if blocks(f)]
+    excused = [f for f in blocking if f["id"] in allowed]
+    refused = [f for f in blocking if f["id"] not in allowed]
+    notes = [f"allow-listed: {f['id']} ({f['severity']}): {allowed[f['id']]}" for f in excused]
+
+    def describe(finding: dict) -> str:
+        line = (
+            f"{finding['id']} ({finding['severity']}, {finding['package']}, fix {finding['fix']})"
+        )
+        if finding["id"] in expired:
+            line += f" [its allow-list entry expired on {expired[finding['id']]}]"
+        return line
+
+    if refused:
+        return REFUSED, (
+            f"{len(refused)} blocking finding(s) in {digest} (CRITICAL, or HIGH with a fix): "
+            + "; ".join(describe(f) for f in refused)
+        )
+    counts: dict[str, int] = {}
+    for finding in found:
+        counts[finding["severity"]] = counts.get(finding["severity"], 0) + 1
+    summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no findings"
+    return OK, "\n".join([f"scan of {digest}: no blocking findings ({summary})", *notes])
 
 
 # CloudWatch Logs
@@ -348,6 +506,9 @@ def main(argv: list[str]) -> int:
         "live": ["dir"],
         "status": ["dir", "url"],
         "resolve": ["file", "sha", "repository"],
+        "digest": ["file", "tag"],
+        "same-image": ["file", "local_id", "reference"],
+        "scan": ["file", "allowlist", "today"],
         "history": ["dir", "live"],
         "logs": ["dir", "lines"],
     }.items():
@@ -391,9 +552,17 @@ def run(args, base: Path) -> tuple[int, str]:
             primary = [d for d in service.get("deployments") or [] if d.get("status") == "PRIMARY"]
             return OK, image_of(primary[0], task_images(base)) if primary else ""
         case "status":
-            return OK, "\n".join(status(services, task_images(base), args.url))
+            stack = load(base / "service-stack.json")
+            return OK, "\n".join(status(services, task_images(base), args.url, stack))
         case "resolve":
             return OK, resolve(load(Path(args.file)), args.sha, args.repository)
+        case "digest":
+            return OK, digest_of(load(Path(args.file)), args.tag)
+        case "same-image":
+            return OK, same_image(load(Path(args.file)), args.local_id, args.reference)
+        case "scan":
+            allowed, expired = allowlist(Path(args.allowlist), args.today)
+            return scan_verdict(load(Path(args.file)), allowed, expired)
         case "history":
             return OK, "\n".join(history(load(base / "images.json"), args.live))
         case "logs":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# history.sh: list the images in ECR, newest first, with push time, scan findings and which one is live.
+# history.sh: list the images in ECR, newest first, with push time, digest, scan and which one is live.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -7,9 +7,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
   cat >&2 <<'USAGE'
 usage: make history [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
-Lists the images of the ECR repository, newest first: push time (UTC), tag (the commit SHA), scan
-findings, and "live" on the image the service's primary deployment runs. Any tag listed is a
-valid target of make rollback SHA=<tag>.
+Lists the images of the ECR repository, newest first: push time (UTC), tag (the commit SHA),
+digest, scan findings, and "live" on the image (by digest) the service's primary deployment
+runs. Any tag listed is a valid target of make rollback SHA=<tag>.
 USAGE
 }
 

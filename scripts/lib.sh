@@ -8,6 +8,8 @@ BASE_STACK=${BASE_STACK:-cars-api-base}
 SERVICE_STACK=${SERVICE_STACK:-cars-api-service}
 IMAGE=${IMAGE:-cars-api}
 CONTAINER=${CONTAINER:-docker}
+# The accepted scan findings: one '<vulnerability id> <YYYY-MM-DD expiry> <reason>' per line.
+SCAN_ALLOWLIST=${SCAN_ALLOWLIST:-$ROOT/.github/scan-allowlist}
 # AWS CLI v2 pipes output through a pager by default; v1 ignores this.
 export AWS_PAGER=''
 
@@ -140,6 +142,92 @@ resolve_tag() {
   state_or_die resolve "$WORK/images.json" "$1" "$REPOSITORY_URI"
 }
 
+# Stops a release or deploy while DEPLOY_FREEZE is set; make rollback is the one way through.
+check_freeze() {
+  [[ -z "${DEPLOY_FREEZE:-}" ]] && return 0
+  if [[ "${DEPLOY_KIND:-}" == rollback ]]; then
+    say "DEPLOY_FREEZE is set ($DEPLOY_FREEZE): rolling back anyway"
+    return 0
+  fi
+  die "deploys are frozen (DEPLOY_FREEZE=$DEPLOY_FREEZE): nothing changed; only make rollback" \
+    "may change the service until the freeze is lifted"
+}
+
+# Logs the container engine in to the repository's registry.
+ecr_login() {
+  local registry=${REPOSITORY_URI%%/*}
+  aws_ ecr get-login-password 2>"$WORK/aws.err" \
+    | "$CONTAINER" login --username AWS --password-stdin "$registry" >/dev/null \
+    || die "cannot log in to $registry: $(last_line "$WORK/aws.err")"
+}
+
+# The digest that tag $1 names in the repository (saves DescribeImages of that tag).
+tag_digest() {
+  awsq ecr describe-images --repository-name "$REPOSITORY_NAME" --image-ids "imageTag=$1" \
+    --output json >"$WORK/tag.json"
+  state_or_die digest "$WORK/tag.json" "$1"
+}
+
+# Waits (bounded by SCAN_TIMEOUT) for ECR's scan of digest $1 and applies the gate: CRITICAL
+# findings, and HIGH ones with a fix, stop the deploy unless the allow-list excuses them. $2 is
+# "fresh" right after a push (ECR may not have started the scan yet); $3 is the override, "true"
+# only for a rollback with ALLOW_VULNERABLE=true. Returns 4 with the reason in SCAN_REFUSAL.
+# shellcheck disable=SC2034  # SCAN_REFUSAL is read by release.sh and deploy.sh, which source this
+scan_gate() {
+  local digest=$1 fresh=${2:-} override=${3:-false} timeout=${SCAN_TIMEOUT:-600} msg rc
+  local deadline=$((SECONDS + timeout)) today
+  today=$(date -u +%Y-%m-%d)
+  [[ -f "$SCAN_ALLOWLIST" ]] || die "the scan allow-list $SCAN_ALLOWLIST does not exist"
+  while :; do
+    rc=0
+    if aws_ ecr describe-image-scan-findings --repository-name "$REPOSITORY_NAME" \
+      --image-id "imageDigest=$digest" --output json >"$WORK/scan.json" 2>"$WORK/aws.err"; then
+      msg=$(state scan "$WORK/scan.json" "$SCAN_ALLOWLIST" "$today") || rc=$?
+    elif grep -q 'ScanNotFoundException' "$WORK/aws.err"; then
+      msg="ECR has no scan of $digest (is scan on push on for $REPOSITORY_NAME?)"
+      if [[ "$fresh" == fresh ]]; then rc=3; else rc=4; fi
+    else
+      die "aws ecr describe-image-scan-findings failed: $(last_line "$WORK/aws.err")"
+    fi
+    case $rc in
+      0) say "$msg"; return 0 ;;
+      3) ;;
+      4)
+        if [[ "$override" == true ]]; then
+          say "WARNING: ALLOW_VULNERABLE=true: deploying despite the scan gate: $msg"
+          return 0
+        fi
+        SCAN_REFUSAL=$msg
+        return 4 ;;
+      *) die "$msg" ;;
+    esac
+    ((SECONDS < deadline)) || { msg="$msg after ${timeout}s"; break; }
+    say "  $msg"
+    sleep "${POLL_SECONDS:-15}"
+  done
+  SCAN_REFUSAL=$msg
+  return 4
+}
+
+# In GitHub Actions, gh verifies the build provenance attestation of digest $1 before anything
+# changes; elsewhere nothing can, and it says so.
+verify_attestation() {
+  local ref="$REPOSITORY_URI@$1"
+  if [[ "${GITHUB_ACTIONS:-}" != true ]]; then
+    say "WARNING: could not verify the build provenance attestation of $ref: only a GitHub" \
+      "Actions run checks it (gh attestation verify oci://$ref --repo <owner/name> does by hand)"
+    return 0
+  fi
+  [[ -n "${GITHUB_REPOSITORY:-}" ]] || die "GITHUB_REPOSITORY is not set: cannot verify $ref"
+  require_tools gh "$CONTAINER"
+  ecr_login
+  gh attestation verify "oci://$ref" --repo "$GITHUB_REPOSITORY" \
+    --signer-workflow "$GITHUB_REPOSITORY/.github/workflows/ci.yml" >"$WORK/attest.out" 2>&1 \
+    || die "the build provenance attestation of $ref does not verify:" \
+      "$(last_line "$WORK/attest.out"); nothing changed"
+  say "verified: $ref has a build provenance attestation signed by $GITHUB_REPOSITORY's ci.yml"
+}
+
 # `aws cloudformation deploy` that treats "nothing to change" as success. The CLI does so itself
 # for an empty change set; CloudFormation can also answer "No updates are to be performed".
 cfn_deploy() {
@@ -207,19 +295,19 @@ check_ready() {
     "- see make logs"
 }
 
-# Deploys the service stack with image tag $1 (already in ECR) and verifies what serves.
+# Deploys the service stack with image tag $1 at digest $2 (both in ECR): tasks run the digest.
 deploy_release() {
-  local tag=$1 expected="$REPOSITORY_URI:$1"
+  local tag=$1 digest=$2 expected="$REPOSITORY_URI@$2"
   if describe_stack "$SERVICE_STACK" "$WORK/service-stack.json"; then
     state_or_die stack "$WORK/service-stack.json" "$SERVICE_STACK" >/dev/null
   fi
-  say "Deploying $expected (stack $SERVICE_STACK, region $AWS_REGION)"
+  say "Deploying $REPOSITORY_URI:$tag by digest $digest (stack $SERVICE_STACK, region $AWS_REGION)"
   cfn_deploy --stack-name "$SERVICE_STACK" --template-file "$ROOT/cloudformation/service.yaml" \
     --capabilities CAPABILITY_IAM \
-    --parameter-overrides "BaseStackName=$BASE_STACK" "ImageTag=$tag" \
+    --parameter-overrides "BaseStackName=$BASE_STACK" "ImageTag=$tag@$digest" \
     || report_failed_deploy "$expected"
   load_service || die "stack $SERVICE_STACK has no ServiceName output after the deploy"
   wait_for_rollout "$expected"
   check_ready
-  say "ok: $expected is live at $SERVICE_URL"
+  say "ok: $expected ($tag) is live at $SERVICE_URL"
 }

@@ -7,22 +7,24 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 usage() {
   cat >&2 <<'USAGE'
 usage: make status [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
-Shows what the service runs now: the image of the primary deployment, running/desired tasks, the
-deployments ECS knows (with rollout state and reason), the latest service events and the URL.
+Shows what the service runs now: the image (repository@digest) of the primary deployment and its
+commit, running/desired tasks, the deployments ECS knows (with rollout state and reason), the
+latest service events and the URL.
 In GitHub Actions it also writes the job summary and the step output `url`.
 USAGE
 }
 
 # Job summary (commit, image, URL) and the step output `url`, when GitHub Actions provides files.
 publish() {
-  local text=$1 image url
+  local text=$1 image commit url
   image=$(awk '$1 == "live" && $2 == "image" { print $3; exit }' <<<"$text")
+  commit=$(awk '$1 == "commit" { print $2; exit }' <<<"$text")
   url=$(awk '$1 == "url" { print $2; exit }' <<<"$text")
   [[ -z "${GITHUB_OUTPUT:-}" ]] || printf 'url=%s\n' "$url" >>"$GITHUB_OUTPUT"
   [[ -n "${GITHUB_STEP_SUMMARY:-}" ]] || return 0
   {
     printf '### %s now serves\n\n' "$SERVICE_STACK"
-    printf -- "- Commit: \`%s\`\n" "${image##*:}"
+    printf -- "- Commit: \`%s\`\n" "$commit"
     printf -- "- Image: \`%s\`\n" "$image"
     printf -- '- Service: %s\n\n' "$url"
     printf "<details><summary>make status</summary>\n\n\`\`\`\n%s\n\`\`\`\n\n</details>\n" "$text"

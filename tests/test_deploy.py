@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -18,6 +19,7 @@ import boto3
 import pytest
 from cfnlint.decode import decode
 from conftest import ROOT, free_port
+from test_verify import ENGINE
 
 VENV_BIN = ROOT / ".venv" / "bin"
 REGION = "eu-west-1"
@@ -183,7 +185,7 @@ def stub(aws_env, moto_url):
 # Misuse: refused before any AWS call, with a usage line
 
 
-@pytest.mark.parametrize("target", ["release", "deploy", "rollback"])
+@pytest.mark.parametrize("target", ["release", "push", "deploy", "rollback"])
 def test_target_without_sha_prints_usage(target, aws_env):
     result = make(target, aws_env)
     assert result.returncode == 2
@@ -388,3 +390,57 @@ def test_every_stack_deploy_setting_names_a_base_stack_parameter():
     template, _ = decode(str(ROOT / "cloudformation" / "base.yaml"))
     assert passed
     assert passed <= set(template["Parameters"]), passed - set(template["Parameters"])
+
+
+# The release's checks against moto's ECR API (a stand-in engine: no registry to push to here)
+
+
+@pytest.fixture
+def engine_env(stub, tmp_path):
+    """The stub's environment with a stand-in container engine and the test job's archive."""
+    engine = tmp_path / "engine"
+    engine.write_text(f"#!{sys.executable}\n{ENGINE}")
+    engine.chmod(0o755)
+    archive = tmp_path / "image.tar"
+    archive.write_bytes(b"an image archive")
+    tested = "sha256:" + SHA_A[:8] * 8  # the config digest the stub put in ECR for SHA_A
+    return {
+        **stub,
+        "CONTAINER": str(engine),
+        "REPLAY_DIR": str(tmp_path),
+        "IMAGE_ARCHIVE": str(archive),
+        "IMAGE_ID": tested,
+        "STUB_IMAGE_ID": tested,
+        "STUB_LABEL": SHA_A,
+        "SCAN_TIMEOUT": "0",
+    }
+
+
+def test_push_of_a_tag_in_ecr_holding_another_image_is_refused(engine_env, tmp_path):
+    other = "sha256:" + "0dd1ce00" * 8
+    env = {**engine_env, "IMAGE_ID": other, "STUB_IMAGE_ID": other}
+    result = make("push", env, SHA=SHA_A)
+    assert result.returncode != 0
+    line = error_line(result)
+    assert f"cars-api-stub:{SHA_A} is already in ECR but holds another image" in line
+    assert f"config sha256:{SHA_A[:8] * 8}), not {other}" in line
+    assert "push " not in (tmp_path / "engine.log").read_text()
+
+
+def test_push_of_the_same_image_waits_for_a_scan_that_never_comes_and_stops(engine_env, tmp_path):
+    result = make("push", engine_env, SHA=SHA_A)
+    assert result.returncode != 0
+    assert "is already in ECR and is the same image" in result.stdout
+    line = error_line(result)
+    assert line.startswith("error: release stopped: ECR has no scan of sha256:")
+    assert "after 0s; nothing was deployed" in line
+    assert "push " not in (tmp_path / "engine.log").read_text()
+
+
+def test_rollback_to_an_image_ecr_never_scanned_needs_the_override(stub, moto_url):
+    result = make("rollback", stub, SHA=SHA_B)
+    assert result.returncode != 0
+    line = error_line(result)
+    assert "ECR has no scan of sha256:" in line
+    assert line.endswith(f"to roll back anyway: make rollback SHA={SHA_B} ALLOW_VULNERABLE=true")
+    assert not stack_exists(client("cloudformation", moto_url), "cars-api-stub-service")

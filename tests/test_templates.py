@@ -487,25 +487,38 @@ def test_service_parameters_follow_the_contract(service):
     assert parameters["TaskSubnetType"]["AllowedValues"] == ["public", "private"]
 
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
 @pytest.mark.parametrize(
     ("tag", "accepted"),
     [
-        ("1a2b3c4", True),
-        ("f" * 40, True),
-        ("latest", False),
-        ("1A2B3C4", False),
-        ("1a2b3c", False),
-        ("f" * 41, False),
+        (f"1a2b3c4@{DIGEST}", True),
+        (f"{'f' * 40}@{DIGEST}", True),
+        ("1a2b3c4", False),  # a tag alone: the digest is what tasks run
+        (f"latest@{DIGEST}", False),
+        (f"1A2B3C4@{DIGEST}", False),
+        (f"1a2b3c@{DIGEST}", False),
+        (f"{'f' * 41}@{DIGEST}", False),
+        (f"1a2b3c4@{DIGEST[:-1]}", False),
+        (f"1a2b3c4@{DIGEST}0", False),
+        (f"1a2b3c4@sha512:{'0' * 64}", False),
     ],
 )
-def test_image_tag_must_be_a_commit_sha(service, tag, accepted):
+def test_image_tag_must_be_a_commit_sha_at_a_digest(service, tag, accepted):
     pattern = service["Parameters"]["ImageTag"]["AllowedPattern"]
     assert bool(re.fullmatch(pattern, tag)) is accepted
 
 
-def test_image_is_the_repository_at_the_image_tag(service):
+def test_image_is_the_repository_at_the_digest_of_the_image_tag(service):
     assert container(service)["Image"] == {
-        "Fn::Sub": ["${RepositoryUri}:${ImageTag}", {"RepositoryUri": imported("RepositoryUri")}]
+        "Fn::Sub": [
+            "${RepositoryUri}@${Digest}",
+            {
+                "RepositoryUri": imported("RepositoryUri"),
+                "Digest": {"Fn::Select": [1, {"Fn::Split": ["@", {"Ref": "ImageTag"}]}]},
+            },
+        ]
     }
 
 

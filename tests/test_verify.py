@@ -23,6 +23,10 @@ NEW = "b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0"
 OLD = "0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a"
 TD_OLD = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cars-api-service:4"
 TD_NEW = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cars-api-service:5"
+NEW_DIGEST = "sha256:b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0a1b2c3d4e5f60718293a4b5c"
+OLD_DIGEST = "sha256:0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a3f9c2a7e5b1d4c6f8a0e2b4d"
+SHORT_NEW = f"cars-api-base-repository-7kq2xv9lmd3a@{NEW_DIGEST}"
+SHORT_OLD = f"cars-api-base-repository-7kq2xv9lmd3a@{OLD_DIGEST}"
 
 # The stand-in `aws`: answers each call with the next recorded response planned for it (the last
 # one repeats), logs every call, and fails loudly on a call nobody planned.
@@ -53,6 +57,30 @@ if "file" in answer:
 sys.stdout.write(answer.get("stdout", ""))
 sys.stderr.write(answer.get("stderr", ""))
 sys.exit(answer.get("exit", 0))
+"""
+
+# The stand-in container engine and gh: no registry or GitHub is reachable from the tests. The
+# engine reports the image ID and revision label it is told (STUB_IMAGE_ID, STUB_LABEL) and logs
+# every call; gh exits with STUB_GH_EXIT.
+ENGINE = """\
+import os, sys
+args = sys.argv[1:]
+with open(os.path.join(os.environ["REPLAY_DIR"], "engine.log"), "a") as log:
+    log.write(" ".join(args) + "\\n")
+if args[:1] == ["login"]:
+    sys.stdin.read()
+if args[:2] == ["image", "inspect"]:
+    wanted = os.environ["STUB_LABEL"] if "Labels" in args[3] else os.environ["STUB_IMAGE_ID"]
+    print(wanted)
+"""
+GH = """\
+import os, sys
+with open(os.path.join(os.environ["REPLAY_DIR"], "gh.log"), "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+code = int(os.environ.get("STUB_GH_EXIT", "0"))
+if code:
+    sys.stderr.write("Error: no attestations found for subject\\n")
+sys.exit(code)
 """
 
 CFN_FAILED = {
@@ -99,6 +127,7 @@ def base_plan(service_stack, services, deploy=None):
         "sts get-caller-identity": [{"stdout": '{"Account": "123456789012"}'}],
         "cloudformation describe-stacks cars-api-base": [recorded("stack-base.json")],
         "ecr describe-images": [recorded("images.json")],
+        "ecr describe-image-scan-findings": [recorded("scan-complete-clean.json")],
         "cloudformation describe-stacks cars-api-service": [recorded(f) for f in service_stack],
         "cloudformation deploy cars-api-service": [deploy or CFN_OK],
         "cloudformation describe-stack-events cars-api-service": [
@@ -115,13 +144,14 @@ def replay(tmp_path, ready_server):
     """Run a make target with `aws` answering from a plan of recorded responses."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    aws = bin_dir / "aws"
-    aws.write_text(f"#!{sys.executable}\n{REPLAY}")
-    aws.chmod(0o755)
+    for name, script in (("aws", REPLAY), ("engine", ENGINE), ("gh", GH)):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{script}")
+        (bin_dir / name).chmod(0o755)
 
     def run(target, plan, **env):
         (tmp_path / "plan.json").write_text(json.dumps(plan))
-        (tmp_path / "calls.log").write_text("")
+        for log in ("calls.log", "engine.log", "gh.log"):
+            (tmp_path / log).write_text("")
         for counter in tmp_path.glob("count-*"):
             counter.unlink()
         environment = {
@@ -131,6 +161,7 @@ def replay(tmp_path, ready_server):
             "SERVICE_URL": f"http://127.0.0.1:{ready_server.server_port}",
             "POLL_SECONDS": "0",
             "READY_INTERVAL": "0",
+            "CONTAINER": str(bin_dir / "engine"),
             **env,
         }
         result = subprocess.run(
@@ -142,6 +173,8 @@ def replay(tmp_path, ready_server):
             check=False,
         )
         result.calls = (tmp_path / "calls.log").read_text().splitlines()
+        result.engine = (tmp_path / "engine.log").read_text().splitlines()
+        result.gh = (tmp_path / "gh.log").read_text().splitlines()
         return result
 
     return run
@@ -166,10 +199,10 @@ def test_deploy_that_completes_with_the_exact_image_and_ready_200_succeeds(repla
     )
     result = replay(f"deploy SHA={NEW}", plan)
     assert result.returncode == 0, result.stderr
-    assert f"{REPOSITORY}:{NEW} is live: 2/2 tasks running" in result.stdout
+    assert f"{REPOSITORY}@{NEW_DIGEST} is live: 2/2 tasks running" in result.stdout
     assert "/ready answered 200" in result.stdout
     assert len(deploys(result)) == 1
-    assert f"ImageTag={NEW}" in deploys(result)[0]
+    assert f"ImageTag={NEW}@{NEW_DIGEST}" in deploys(result)[0]
 
 
 def test_deploy_rolled_back_by_cloudformation_names_the_cause_and_what_serves(replay):
@@ -181,11 +214,11 @@ def test_deploy_rolled_back_by_cloudformation_names_the_cause_and_what_serves(re
     result = replay(f"deploy SHA={NEW}", plan)
     assert result.returncode != 0
     line = last_error(result)
-    assert line.startswith(f"error: deploy of {REPOSITORY}:{NEW} failed: ")
+    assert line.startswith(f"error: deploy of {REPOSITORY}@{NEW_DIGEST} failed: ")
     assert "stack cars-api-service is UPDATE_ROLLBACK_COMPLETE" in line
     assert "ECS Deployment Circuit Breaker was triggered" in line
     assert "an older failure" not in line
-    assert line.endswith(f"now serving cars-api-base-repository-7kq2xv9lmd3a:{OLD} (2 tasks)")
+    assert line.endswith(f"now serving {SHORT_OLD} (2 tasks)")
 
 
 def test_deploy_rolled_back_by_the_circuit_breaker_after_cloudformation_is_a_failure(replay):
@@ -195,7 +228,7 @@ def test_deploy_rolled_back_by_the_circuit_breaker_after_cloudformation_is_a_fai
     line = last_error(result)
     assert "was rolled back by the circuit breaker/alarm" in line
     assert "tasks failed to start" in line
-    assert line.endswith(f"now serving cars-api-base-repository-7kq2xv9lmd3a:{OLD} (1 task)")
+    assert line.endswith(f"now serving {SHORT_OLD} (1 task)")
 
 
 def test_deploy_whose_service_runs_another_image_is_a_failure(replay):
@@ -204,8 +237,8 @@ def test_deploy_whose_service_runs_another_image_is_a_failure(replay):
     assert result.returncode != 0
     line = last_error(result)
     assert (
-        f"wrong image: the primary deployment runs {REPOSITORY}:{OLD}, not {REPOSITORY}:{NEW}"
-        in line
+        f"wrong image: the primary deployment runs {REPOSITORY}@{OLD_DIGEST}, "
+        f"not {REPOSITORY}@{NEW_DIGEST}" in line
     )
     assert "rolling back to deployment" in line
 
@@ -217,7 +250,7 @@ def test_deploy_that_never_completes_is_reported_stuck(replay):
     line = last_error(result)
     assert line.startswith("error: stuck: rollout of ")
     assert "IN_PROGRESS: 1/2 tasks running" in line
-    assert f"now serving cars-api-base-repository-7kq2xv9lmd3a:{NEW} (1 task)" in line
+    assert f"now serving {SHORT_NEW} (1 task)" in line
 
 
 def test_deploy_whose_ready_check_fails_is_a_failure(replay, ready_server):
@@ -227,7 +260,7 @@ def test_deploy_whose_ready_check_fails_is_a_failure(replay, ready_server):
     assert result.returncode != 0
     line = last_error(result)
     assert "/ready answered 503 2 times in a row" in line
-    assert f"ECS runs cars-api-base-repository-7kq2xv9lmd3a:{NEW} (2 tasks)" in line
+    assert f"ECS runs {SHORT_NEW} (2 tasks)" in line
 
 
 @pytest.mark.parametrize(
@@ -268,8 +301,8 @@ def test_rollback_with_a_unique_short_sha_deploys_the_full_tag(replay):
     plan = base_plan(["stack-service.json"], ["services-rolled-back.json"])
     result = replay(f"rollback SHA={OLD[:7]}", plan)
     assert result.returncode == 0, result.stderr
-    assert f"Deploying {REPOSITORY}:{OLD}" in result.stdout
-    assert f"ImageTag={OLD}" in deploys(result)[0]
+    assert f"Deploying {REPOSITORY}:{OLD} by digest {OLD_DIGEST}" in result.stdout
+    assert f"ImageTag={OLD}@{OLD_DIGEST}" in deploys(result)[0]
 
 
 def test_history_lists_images_newest_first_and_marks_the_live_one(replay):
@@ -277,7 +310,8 @@ def test_history_lists_images_newest_first_and_marks_the_live_one(replay):
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line[:4] in ("2025", "2026")]
     assert [row.split()[2] for row in rows[:2]] == [NEW, OLD]
-    assert rows[0].endswith("live")
+    assert rows[0].endswith("live")  # by digest: the task definition names no tag
+    assert NEW_DIGEST[:19] in rows[0]
     assert not any(row.endswith("live") for row in rows[1:])
     assert "HIGH=1 MEDIUM=2" in rows[0]
 
@@ -285,7 +319,11 @@ def test_history_lists_images_newest_first_and_marks_the_live_one(replay):
 def test_status_shows_the_live_image_counts_deployments_and_url(replay, ready_server):
     result = replay("status", base_plan(["stack-service.json"], ["services-rolling-back.json"]))
     assert result.returncode == 0, result.stderr
-    assert f"live image   {REPOSITORY}:{OLD}" in result.stdout
+    assert f"live image   {REPOSITORY}@{OLD_DIGEST}" in result.stdout
+    # The stack names NEW, which the circuit breaker is rolling back: no commit is claimed.
+    assert "commit       unknown (the live image is not the one the service stack names)" in (
+        result.stdout
+    )
     assert "tasks        1 running / 2 desired" in result.stdout
     assert "ECS deployment circuit breaker: tasks failed to start." in result.stdout
     assert f"url          http://127.0.0.1:{ready_server.server_port}" in result.stdout
@@ -299,9 +337,258 @@ def test_status_in_github_actions_writes_the_job_summary_and_url(replay, ready_s
     url = f"http://127.0.0.1:{ready_server.server_port}"
     shown = summary.read_text()
     assert f"- Commit: `{NEW}`" in shown
-    assert f"- Image: `{REPOSITORY}:{NEW}`" in shown
+    assert f"- Image: `{REPOSITORY}@{NEW_DIGEST}`" in shown
     assert f"- Service: {url}" in shown
     assert outputs.read_text().splitlines() == [f"url={url}"]
+
+
+# Attestation, scan gate, freeze and the release's image hand-off, over recorded responses
+
+IN_ACTIONS = {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "acme/cars-api"}
+LOGIN = {"stdout": "token-for-the-stub-engine\n"}  # pragma: allowlist secret (a placeholder)
+
+
+def pushes(result):
+    return [call for call in result.engine if call.startswith("push ")]
+
+
+def test_a_deploy_outside_github_actions_says_it_could_not_verify_the_attestation(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    result = replay(f"deploy SHA={NEW}", plan)
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"WARNING: could not verify the build provenance attestation of {REPOSITORY}@{NEW_DIGEST}"
+        in result.stdout
+    )
+    assert result.gh == []
+
+
+def test_a_deploy_in_github_actions_verifies_the_attestation_of_the_digest_first(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan["ecr get-login-password"] = [LOGIN]
+    result = replay(f"deploy SHA={NEW}", plan, **IN_ACTIONS)
+    assert result.returncode == 0, result.stderr
+    assert result.gh == [
+        f"attestation verify oci://{REPOSITORY}@{NEW_DIGEST} --repo acme/cars-api "
+        "--signer-workflow acme/cars-api/.github/workflows/ci.yml"
+    ]
+    assert result.engine[0].startswith("login --username AWS --password-stdin 123456789012.dkr")
+    assert "verified: " in result.stdout
+    assert len(deploys(result)) == 1
+
+
+@pytest.mark.parametrize("target", ["deploy", "rollback"])
+def test_an_image_whose_attestation_does_not_verify_is_not_deployed(replay, target):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan["ecr get-login-password"] = [LOGIN]
+    result = replay(f"{target} SHA={NEW}", plan, STUB_GH_EXIT="1", **IN_ACTIONS)
+    assert result.returncode != 0
+    assert last_error(result) == (
+        f"error: the build provenance attestation of {REPOSITORY}@{NEW_DIGEST} does not verify: "
+        "Error: no attestations found for subject; nothing changed"
+    )
+    assert deploys(result) == []
+
+
+def test_a_rollback_to_an_image_with_blocking_findings_needs_the_override(replay):
+    plan = base_plan(["stack-service.json"], ["services-rolled-back.json"])
+    plan["ecr describe-image-scan-findings"] = [recorded("scan-critical.json")]
+    refused = replay(f"rollback SHA={OLD}", plan)
+    assert refused.returncode != 0
+    line = last_error(refused)
+    assert "2 blocking finding(s)" in line
+    assert "CVE-2025-40201 (CRITICAL" in line
+    assert line.endswith(
+        f"nothing changed; to roll back anyway: make rollback SHA={OLD} ALLOW_VULNERABLE=true"
+    )
+    assert deploys(refused) == []
+    allowed = replay(f"rollback SHA={OLD}", plan, ALLOW_VULNERABLE="true")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "WARNING: ALLOW_VULNERABLE=true: deploying despite the scan gate: 2 blocking" in (
+        allowed.stdout
+    )
+    assert len(deploys(allowed)) == 1
+
+
+def test_a_deploy_cannot_use_the_rollback_override(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    result = replay(f"deploy SHA={NEW}", plan, ALLOW_VULNERABLE="true")
+    assert result.returncode == 2
+    assert "ALLOW_VULNERABLE=true is for make rollback only" in last_error(result)
+    assert result.calls == []
+
+
+def test_a_deploy_with_blocking_findings_is_refused_and_says_how_to_clear_them(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan["ecr describe-image-scan-findings"] = [recorded("scan-enhanced.json")]
+    result = replay(f"deploy SHA={NEW}", plan)
+    assert result.returncode != 0
+    assert "CVE-2025-40301 (HIGH, libxml2 2.12.7+dfsg-3, fix YES)" in last_error(result)
+    assert "excuse each in .github/scan-allowlist" in last_error(result)
+    assert deploys(result) == []
+
+
+def test_a_deploy_waits_for_the_scan_to_complete(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    scans = ["scan-in-progress.json", "scan-in-progress.json", "scan-complete-clean.json"]
+    plan["ecr describe-image-scan-findings"] = [recorded(name) for name in scans]
+    result = replay(f"deploy SHA={NEW}", plan)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"the ECR scan of {NEW_DIGEST} is IN_PROGRESS") == 2
+    assert len([c for c in result.calls if "describe-image-scan-findings" in c]) == 3
+
+
+def test_a_scan_that_never_completes_stops_the_deploy(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan["ecr describe-image-scan-findings"] = [recorded("scan-in-progress.json")]
+    result = replay(f"deploy SHA={NEW}", plan, SCAN_TIMEOUT="0")
+    assert result.returncode != 0
+    assert f"the ECR scan of {NEW_DIGEST} is IN_PROGRESS after 0s: nothing changed" in (
+        last_error(result)
+    )
+    assert deploys(result) == []
+
+
+def test_a_deploy_freeze_stops_deploys_and_releases_but_not_rollbacks(replay):
+    plan = base_plan(["stack-service.json"], ["services-rolled-back.json"])
+    for target in (f"deploy SHA={NEW}", f"release SHA={NEW}", f"push SHA={NEW}"):
+        frozen = replay(target, plan, DEPLOY_FREEZE="incident 42")
+        assert frozen.returncode != 0
+        assert last_error(frozen).startswith(
+            "error: deploys are frozen (DEPLOY_FREEZE=incident 42): nothing changed"
+        )
+        assert deploys(frozen) == []
+        assert frozen.engine == []
+    rollback = replay(f"rollback SHA={OLD}", plan, DEPLOY_FREEZE="incident 42")
+    assert rollback.returncode == 0, rollback.stderr
+    assert len(deploys(rollback)) == 1
+
+
+TESTED_ID = "sha256:" + "7e57ed00" * 8
+OTHER_ID = "sha256:" + "0dd1ce00" * 8
+NOT_FOUND = {
+    "exit": 254,
+    "stderr": "\nAn error occurred (ImageNotFoundException) when calling the DescribeImages "
+    "operation: The image with imageId {imageDigest:'null', imageTag:'b0b0'} does not exist\n",
+}
+
+
+def batch_image(config_digest):
+    """A BatchGetImage answer for NEW whose manifest names config_digest."""
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": 7023,
+            "digest": config_digest,
+        },
+        "layers": [],
+    }
+    answer = {
+        "images": [
+            {
+                "registryId": "123456789012",
+                "repositoryName": "cars-api-base-repository-7kq2xv9lmd3a",
+                "imageId": {"imageDigest": NEW_DIGEST, "imageTag": NEW},
+                "imageManifest": json.dumps(manifest),
+            }
+        ],
+        "failures": [],
+    }
+    return {"stdout": json.dumps(answer)}
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """The image archive the test job uploaded (its content is the stand-in engine's business)."""
+    path = tmp_path / "dist" / "image.tar"
+    path.parent.mkdir()
+    path.write_bytes(b"an image archive")
+    return {
+        "IMAGE_ARCHIVE": str(path),
+        "IMAGE_ID": TESTED_ID,
+        "STUB_IMAGE_ID": TESTED_ID,
+        "STUB_LABEL": NEW,
+    }
+
+
+def release_plan(existing=None):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    if existing is None:
+        plan["ecr describe-images"] = [NOT_FOUND, recorded("images.json")]
+        plan["ecr get-login-password"] = [LOGIN]
+    else:
+        plan["ecr batch-get-image"] = [existing]
+    return plan
+
+
+def test_push_loads_the_tested_archive_pushes_it_and_hands_its_digest_on(replay, archive, tmp_path):
+    outputs = tmp_path / "outputs"
+    result = replay(f"push SHA={NEW}", release_plan(), GITHUB_OUTPUT=str(outputs), **archive)
+    assert result.returncode == 0, result.stderr
+    assert result.engine[0] == f"load --input {archive['IMAGE_ARCHIVE']}"
+    assert not [call for call in result.engine if call.startswith("build")]
+    assert pushes(result) == [f"push {REPOSITORY}:{NEW}"]
+    assert "the image the test job tested" in result.stdout
+    assert outputs.read_text().splitlines() == [f"repository={REPOSITORY}", f"digest={NEW_DIGEST}"]
+    assert deploys(result) == []
+
+
+def test_release_with_the_tested_archive_deploys_it_by_digest(replay, archive):
+    result = replay(f"release SHA={NEW}", release_plan(), **archive)
+    assert result.returncode == 0, result.stderr
+    assert pushes(result) == [f"push {REPOSITORY}:{NEW}"]
+    assert f"ImageTag={NEW}@{NEW_DIGEST}" in deploys(result)[0]
+    assert "could not verify the build provenance attestation" in result.stdout
+
+
+def test_an_archive_that_is_not_the_tested_image_is_not_pushed(replay, archive):
+    result = replay(f"push SHA={NEW}", release_plan(), **{**archive, "STUB_IMAGE_ID": OTHER_ID})
+    assert result.returncode != 0
+    assert f"holds cars-api:{NEW} as {OTHER_ID}, not the tested {TESTED_ID}" in last_error(result)
+    assert pushes(result) == []
+
+
+def test_an_image_labelled_with_another_revision_is_not_pushed(replay, archive):
+    result = replay(f"push SHA={NEW}", release_plan(), **{**archive, "STUB_LABEL": OLD})
+    assert result.returncode != 0
+    assert f"has the revision label '{OLD}', not {NEW}" in last_error(result)
+    assert pushes(result) == []
+
+
+def test_a_tag_already_in_ecr_holding_the_tested_image_is_released_without_a_push(replay, archive):
+    result = replay(f"release SHA={NEW}", release_plan(batch_image(TESTED_ID)), **archive)
+    assert result.returncode == 0, result.stderr
+    assert "is already in ECR and is the same image" in result.stdout
+    assert pushes(result) == []
+    assert f"ImageTag={NEW}@{NEW_DIGEST}" in deploys(result)[0]
+
+
+def test_a_tag_already_in_ecr_holding_another_image_stops_the_release(replay, archive):
+    result = replay(f"release SHA={NEW}", release_plan(batch_image(OTHER_ID)), **archive)
+    assert result.returncode != 0
+    line = last_error(result)
+    assert f"{REPOSITORY}:{NEW} is already in ECR but holds another image" in line
+    assert f"config {OTHER_ID}), not {TESTED_ID}" in line
+    assert pushes(result) == []
+    assert deploys(result) == []
+
+
+def test_a_release_waits_for_the_scan_and_stops_on_critical_findings(replay, archive):
+    plan = release_plan()
+    plan["ecr describe-image-scan-findings"] = [
+        {"exit": 254, "stderr": "An error occurred (ScanNotFoundException): no scan yet\n"},
+        recorded("scan-in-progress.json"),
+        recorded("scan-critical.json"),
+    ]
+    result = replay(f"release SHA={NEW}", plan, **archive)
+    assert result.returncode != 0
+    line = last_error(result)
+    assert line.startswith("error: release stopped: 2 blocking finding(s)")
+    assert "nothing was deployed" in line
+    assert pushes(result) == [f"push {REPOSITORY}:{NEW}"]
+    assert deploys(result) == []
 
 
 # The decision helper alone, on each recorded ECS state
@@ -343,15 +630,15 @@ def saved(tmp_path):
     ],
 )
 def test_rollout_verdict_of_each_recorded_ecs_state(saved, services, code, words):
-    result = helper("rollout", saved(services), f"{REPOSITORY}:{NEW}")
+    result = helper("rollout", saved(services), f"{REPOSITORY}@{NEW_DIGEST}")
     assert result.returncode == code
     assert words in result.stdout
 
 
 def test_rollout_of_the_previous_image_is_not_confused_with_the_new_one(saved):
-    result = helper("rollout", saved("services-completed.json"), f"{REPOSITORY}:{OLD}")
+    result = helper("rollout", saved("services-completed.json"), f"{REPOSITORY}@{OLD_DIGEST}")
     assert result.returncode == 1
-    assert f"runs {REPOSITORY}:{NEW}, not {REPOSITORY}:{OLD}" in result.stdout
+    assert f"runs {REPOSITORY}@{NEW_DIGEST}, not {REPOSITORY}@{OLD_DIGEST}" in result.stdout
 
 
 def test_the_task_definitions_to_fetch_are_those_of_every_deployment(saved):

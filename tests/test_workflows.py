@@ -1,8 +1,10 @@
 """The CI/CD workflows keep their contract, and the deploy role trusts what they present.
 
-Contract (README "CI/CD"): tests on every pull request and push; `make release SHA=<github.sha>` on
-pushes to main in the production environment; `make rollback SHA=<sha>` by hand, the input through
-env and checked first; AWS through OIDC only where a job deploys; actions pinned to commit SHAs.
+Contract (README "CI/CD"): tests on every pull request and push, and the one build of the image,
+tested and saved as an artifact; on pushes to main, in the production environment, that artifact
+is pushed (`make push`), attested and deployed by digest (`make deploy`), building nothing;
+`make rollback` by hand, the input checked first; the SHA reaches make through env only; releases
+and rollbacks queue apart; AWS through OIDC only where a job deploys; actions pinned to commit SHAs.
 """
 
 import json
@@ -135,26 +137,155 @@ def test_the_test_job_also_tests_the_image_with_mysql(ci: dict) -> None:
     assert [step for step in test_job["steps"] if step.get("run") == "make image-test"]
 
 
-def test_the_test_job_uses_the_images_python_with_pip_caching(ci: dict) -> None:
-    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    image_python = re.search(r"^ARG PYTHON_IMAGE=python:(\d+\.\d+)-", dockerfile, re.MULTILINE)
-    assert image_python, "the Dockerfile names its default python image"
+def test_every_job_uses_python_3_13_and_only_the_test_job_caches_pip(
+    workflows: dict[str, dict], ci: dict
+) -> None:
+    # Python 3.13 on Debian 13 is the image's runtime (issue 12).
+    for name, job_id, job in jobs(workflows):
+        for setup in steps_using(job, "actions/setup-python"):
+            assert setup["with"]["python-version"] == "3.13", f"{name} {job_id}"
     [test_job] = jobs_running(ci, "make test")
     [setup] = steps_using(test_job, "actions/setup-python")
-    assert setup["with"]["python-version"] == image_python.group(1)
     assert setup["with"]["cache"] == "pip"
     assert "requirements.txt" in setup["with"]["cache-dependency-path"]
 
 
-def test_the_release_job_runs_make_release_with_the_pushed_commit_sha(ci: dict) -> None:
-    [release] = jobs_running(ci, "make release")
-    step = step_running(release, "make release")
-    assert step["run"].strip() == 'make release SHA="$SHA"'
-    assert step["env"]["SHA"] == "${{ github.sha }}"
+def test_the_ci_mysql_service_image_is_pinned_by_digest(ci: dict) -> None:
+    assert re.fullmatch(r"mysql:[\d.]+@sha256:[0-9a-f]{64}", mysql_service(ci)["image"])
+
+
+def step_index(job: dict, predicate) -> int:
+    found = [i for i, step in enumerate(job["steps"]) if predicate(step)]
+    assert len(found) == 1, f"expected one matching step, found {len(found)}"
+    return found[0]
+
+
+def runs(command: str):
+    return lambda step: step.get("run", "").strip() == command
+
+
+def uses(action: str):
+    return lambda step: step.get("uses", "").startswith(f"{action}@")
+
+
+def test_the_test_job_builds_tests_and_saves_one_image_as_an_artifact(ci: dict) -> None:
+    [test_job] = jobs_running(ci, "make test")
+    order = [
+        step_index(test_job, runs("make test")),
+        step_index(test_job, runs("make image")),
+        step_index(test_job, runs("make image-test")),
+        step_index(test_job, runs("make image-save")),
+        step_index(test_job, uses("actions/upload-artifact")),
+    ]
+    assert order == sorted(order), "build, test, save, upload: in that order"
+    for index in order[1:4]:
+        assert test_job["steps"][index]["env"]["SHA"] == "${{ github.sha }}"
+    save = test_job["steps"][order[3]]
+    assert test_job["outputs"]["image-id"] == f"${{{{ steps.{save['id']}.outputs.image-id }}}}"
+    [upload] = steps_using(test_job, "actions/upload-artifact")
+    paths = upload["with"]["path"].split()
+    assert {"dist/image.tar", "dist/sbom.cdx.json"} <= set(paths)
+    assert upload["with"]["if-no-files-found"] == "error"
+
+
+def release_job(ci: dict) -> dict:
+    [job] = jobs_running(ci, "make push")
+    return job
+
+
+def test_the_release_job_builds_nothing_and_pushes_the_tested_artifact(ci: dict) -> None:
+    job = release_job(ci)
+    [test_job] = jobs_running(ci, "make test")
+    [upload] = steps_using(test_job, "actions/upload-artifact")
+    for step in job["steps"]:
+        assert not re.search(r"make (image|release|test)\b", step.get("run", "")), step["run"]
+    download = step_index(job, uses("actions/download-artifact"))
+    push = step_index(job, runs("make push"))
+    assert download < push
+    fetched = job["steps"][download]["with"]
+    assert fetched["name"] == upload["with"]["name"]
+    env = job["steps"][push]["env"]
+    assert env["IMAGE_ARCHIVE"] == f"{fetched['path']}/image.tar"
+    # The ID travels as a job output, apart from the archive it checks.
+    assert env["IMAGE_ID"] == "${{ needs.test.outputs.image-id }}"
+
+
+def test_the_release_job_attests_the_pushed_digest_before_it_deploys(ci: dict) -> None:
+    job = release_job(ci)
+    push = step_index(job, runs("make push"))
+    attest = step_index(job, uses("actions/attest-build-provenance"))
+    deploy = step_index(job, runs("make deploy"))
+    assert push < attest < deploy
+    push_id = job["steps"][push]["id"]
+    settings = job["steps"][attest]["with"]
+    assert settings["subject-name"] == f"${{{{ steps.{push_id}.outputs.repository }}}}"
+    assert settings["subject-digest"] == f"${{{{ steps.{push_id}.outputs.digest }}}}"
+    # gh attestation verify in make deploy needs a token to read the attestation.
+    assert job["steps"][deploy]["env"]["GH_TOKEN"] == "${{ github.token }}"  # noqa: S105 (an expression, not a secret)
+    assert job["permissions"]["attestations"] == "write"
+    assert job["permissions"]["id-token"] == "write"
+
+
+def test_only_the_release_job_may_write_attestations(workflows: dict[str, dict]) -> None:
+    for name, job_id, job in jobs(workflows):
+        grant = (job.get("permissions") or {}).get("attestations")
+        if steps_using(job, "actions/attest-build-provenance"):
+            assert grant == "write", f"{name} {job_id}"
+        elif (name, job_id) == ("rollback.yml", "rollback"):
+            assert grant == "read", "the rollback verifies the attestation"
+        else:
+            assert grant is None, f"{name} {job_id}"
+
+
+def test_the_release_job_pushes_and_deploys_the_pushed_commit_sha_from_env(ci: dict) -> None:
+    release = release_job(ci)
+    for command in ("make push", "make deploy"):
+        step = step_running(release, command)
+        assert step["run"].strip() == command
+        assert step["env"]["SHA"] == "${{ github.sha }}"
+
+
+def test_the_sha_never_reaches_make_as_a_command_line_variable(workflows: dict[str, dict]) -> None:
+    for name, job_id, job in jobs(workflows):
+        for step in job.get("steps", []):
+            for line in step.get("run", "").splitlines():
+                if re.match(r"\s*make\b", line):
+                    assert re.fullmatch(r"\s*make [a-z][a-z-]*\s*", line), (
+                        f"{name} {job_id}: {line}"
+                    )
+
+
+def test_make_passes_an_environment_sha_untouched_but_expands_a_command_line_one(
+    tmp_path: Path,
+) -> None:
+    """What the Makefile's comment says: why the workflows set SHA through env only."""
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no aws: nothing deploys
+    payload = f"$(shell touch {tmp_path}/expanded)"
+    from_env = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "deploy"],
+        env={**environment, "SHA": payload},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert from_env.returncode == 2
+    assert "is not a commit SHA" in from_env.stderr
+    assert not (tmp_path / "expanded").exists()
+    from_command_line = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "deploy", f"SHA={payload}"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert from_command_line.returncode == 2
+    assert (tmp_path / "expanded").exists(), "make expands command-line variables"
 
 
 def test_the_release_job_runs_only_after_the_tests_on_pushes_to_main(ci: dict) -> None:
-    [release] = jobs_running(ci, "make release")
+    release = release_job(ci)
     [test_job] = jobs_running(ci, "make test")
     test_id = next(job_id for job_id, job in ci["jobs"].items() if job is test_job)
     assert test_id in as_list(release["needs"])
@@ -166,7 +297,7 @@ def test_the_release_job_runs_only_after_the_tests_on_pushes_to_main(ci: dict) -
 
 
 def test_the_release_job_restores_no_cache(ci: dict) -> None:
-    [release] = jobs_running(ci, "make release")
+    release = release_job(ci)
     assert not steps_using(release, "actions/cache")
     for setup in steps_using(release, "actions/setup-python"):
         assert not setup.get("with", {}).get("cache")
@@ -183,9 +314,32 @@ def test_rollback_is_manual_and_requires_a_sha(rollback: dict) -> None:
 def test_rollback_passes_the_sha_to_make_rollback_only_through_env(rollback: dict) -> None:
     [job] = jobs_running(rollback, "make rollback")
     step = step_running(job, "make rollback")
-    assert step["run"].strip() == 'make rollback SHA="$SHA"'
+    assert step["run"].strip() == "make rollback"
     assert step["env"]["SHA"] == "${{ inputs.sha }}"
+    assert step["env"]["GH_TOKEN"] == "${{ github.token }}"  # noqa: S105 (an expression, not a secret)
     assert environment_name(job) == "production"
+
+
+def test_the_scan_gate_override_of_a_rollback_is_an_explicit_input_off_by_default(
+    rollback: dict,
+) -> None:
+    override = rollback["on"]["workflow_dispatch"]["inputs"]["allow-vulnerable"]
+    assert override["type"] == "boolean"
+    assert override["default"] is False
+    assert "CRITICAL" in override["description"]
+    [job] = jobs_running(rollback, "make rollback")
+    env = step_running(job, "make rollback")["env"]
+    assert env["ALLOW_VULNERABLE"] == "${{ inputs.allow-vulnerable }}"
+
+
+def test_the_deploy_freeze_variable_stops_releases_and_never_rollbacks(
+    ci: dict, rollback: dict
+) -> None:
+    release = release_job(ci)
+    for command in ("make push", "make deploy"):
+        assert step_running(release, command)["env"]["DEPLOY_FREEZE"] == "${{ vars.DEPLOY_FREEZE }}"
+    [job] = jobs_running(rollback, "make rollback")
+    assert "DEPLOY_FREEZE" not in step_running(job, "make rollback")["env"]
 
 
 def test_no_expression_is_pasted_into_a_shell_script(workflows: dict[str, dict]) -> None:
@@ -314,17 +468,19 @@ def test_checkout_never_persists_the_token(workflows: dict[str, dict]) -> None:
             assert step["with"]["persist-credentials"] is False, f"{name} {job_id}"
 
 
-def test_deploys_share_one_concurrency_group_that_never_cancels_in_progress(
-    workflows: dict[str, dict],
-) -> None:
-    groups = set()
+def test_a_release_can_never_replace_a_queued_rollback(workflows: dict[str, dict]) -> None:
+    # GitHub keeps one pending job per concurrency group and cancels the older one: so releases
+    # and rollbacks queue in separate fixed groups, and nothing in progress is cancelled.
+    groups = {}
     for name, job_id, job in deploying_jobs(workflows):
         concurrency = job["concurrency"]
         assert concurrency["cancel-in-progress"] is False, f"{name} {job_id}"
-        assert "${{" not in concurrency["group"], "one fixed group across runs and workflows"
-        groups.add(concurrency["group"])
-    assert len(groups) == 1
-    assert {name for name, _, _ in deploying_jobs(workflows)} == {"ci.yml", "rollback.yml"}
+        assert "${{" not in concurrency["group"], "a fixed group across runs"
+        groups[name] = concurrency["group"]
+    assert set(groups) == {"ci.yml", "rollback.yml"}
+    assert groups["ci.yml"] != groups["rollback.yml"]
+    # No workflow-level group in rollback.yml that a release could share or displace.
+    assert "concurrency" not in workflows["rollback.yml"]
 
 
 def test_a_workflow_level_group_never_cancels_a_run_on_main(ci: dict) -> None:
