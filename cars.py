@@ -38,7 +38,8 @@ MAX_ID = 2**63 - 1
 FIRST_CAR_YEAR = 1886
 TEXT_MAX = 64  # code points of brand and model, before trimming
 # Text fields are trimmed of the Unicode White_Space characters (ECMA-262's \s knows them too)
-# and may not contain controls (C0, DEL, C1) or lone surrogates. Validator and OpenAPI share these.
+# and may not contain controls (C0, DEL, C1). Validator and OpenAPI share these. Lone surrogates
+# are refused too: they are not Unicode text, and JSON Schema strings are Unicode text.
 TRIMMED_RANGES = (
     (0x09, 0x0D),
     (0x20, 0x20),
@@ -51,7 +52,7 @@ TRIMMED_RANGES = (
     (0x3000, 0x3000),
     (0xFEFF, 0xFEFF),
 )
-FORBIDDEN_RANGES = ((0x00, 0x1F), (0x7F, 0x9F), (0xD800, 0xDFFF))
+FORBIDDEN_RANGES = ((0x00, 0x1F), (0x7F, 0x9F))
 # Visible ASCII but quote and backslash, bare or as the draft's structured-field string.
 IDEMPOTENCY_KEY = r'^(?:[!#-\[\]-~]{1,255}|"[!#-\[\]-~]{1,255}")$'
 FIELDS = ("brand", "model", "year")
@@ -634,18 +635,18 @@ def char_class(ranges):
 
 TRIMMED = "".join(chr(c) for lo, hi in TRIMMED_RANGES for c in range(lo, hi + 1))
 FORBIDDEN = re.compile(f"[{char_class(FORBIDDEN_RANGES)}]")
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def text_pattern():
     """Return the ECMA-262 pattern of a text field: what clean_text accepts, length aside.
 
-    No counted quantifiers (minLength/maxLength count code points; a quantifier would count
-    UTF-16 units without the "u" flag), and a surrogate pair is spelled out so that the
-    pattern means the same with and without that flag.
+    No counted quantifiers: minLength/maxLength count code points, while a quantifier would
+    count UTF-16 units without the "u" flag. It means the same with and without that flag, and
+    in Python's and Rust's engines, so it names no surrogates.
     """
     trimmed, forbidden = char_class(TRIMMED_RANGES), char_class(FORBIDDEN_RANGES)
-    pair = r"[\ud800-\udbff][\udc00-\udfff]"
-    visible, inner = f"(?:[^{trimmed}{forbidden}]|{pair})", f"(?:[^{forbidden}]|{pair})"
+    visible, inner = f"[^{trimmed}{forbidden}]", f"[^{forbidden}]"
     return f"^[{trimmed}]*{visible}(?:{inner}*{visible})?[{trimmed}]*$"
 
 
@@ -659,7 +660,9 @@ def clean_text(value):
     if not value:
         return None, "must not be blank"
     if FORBIDDEN.search(value):
-        return None, "must not contain control characters or lone surrogates"
+        return None, "must not contain control characters"
+    if not value.isascii() and SURROGATE.search(value):
+        return None, "must be Unicode text (no lone surrogates)"
     return value, None
 
 

@@ -4,6 +4,7 @@ A gate on 127.0.0.1 stands between cars.py and the real MySQL: while hung it acc
 connections and never sends a byte; once opened it forwards them to MySQL.
 """
 
+import contextlib
 import http.client
 import json
 import socket
@@ -54,10 +55,8 @@ class Gate:
             pass
         finally:
             for sock in (source, target):
-                try:
+                with contextlib.suppress(OSError):  # the other pump may have closed it first
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self):
         self.closing.set()
