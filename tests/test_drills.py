@@ -176,19 +176,23 @@ class Outcome:
     body: object = None
     error: str | None = None
     model: str | None = None
+    key: str | None = None
 
     @property
     def duration(self):
         return self.ended - self.started
 
 
-def call(port, method, path, body=None, timeout=REQUEST_BOUND, conn=None):
+def call(port, method, path, body=None, timeout=REQUEST_BOUND, conn=None, headers=None):
     """Send one request; return an Outcome instead of raising on network errors."""
     started = time.monotonic()
     own = conn is None
     conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {
+            **({"Content-Type": "application/json"} if body is not None else {}),
+            **(headers or {}),
+        }
         conn.request(method, path, None if body is None else json.dumps(body), headers)
         res = conn.getresponse()
         raw = res.read()
@@ -219,10 +223,14 @@ def is_problem_503(outcome):
 
 
 class Writers:
-    """Threads that POST cars with unique models until stopped, recording every outcome."""
+    """Threads that POST cars with unique models until stopped, recording every outcome.
 
-    def __init__(self, port, count=4, prefix="w"):
-        self.port, self.prefix = port, prefix
+    Keyed writers send an Idempotency-Key with each car and retry a POST that failed or timed
+    out with the same key until it is acknowledged, as the draft tells clients to.
+    """
+
+    def __init__(self, port, count=4, prefix="w", keyed=False):
+        self.port, self.prefix, self.keyed = port, prefix, keyed
         self.outcomes = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -233,12 +241,18 @@ class Writers:
             if self.stopping.is_set():
                 return
             model = f"{self.prefix}{number}-{seq}"
-            outcome = call(self.port, "POST", "/cars", car(model))
-            outcome.model = model
-            with self.lock:
-                self.outcomes.append(outcome)
-            if outcome.status != 201:
+            key = f"{model}-{uuid.uuid4().hex}" if self.keyed else None
+            headers = {"Idempotency-Key": key} if key else {}
+            while True:
+                outcome = call(self.port, "POST", "/cars", car(model), headers=headers)
+                outcome.model, outcome.key = model, key
+                with self.lock:
+                    self.outcomes.append(outcome)
+                if outcome.status == 201:
+                    break
                 time.sleep(0.05)  # do not spin while the database is down
+                if not key or self.stopping.is_set():
+                    break
 
     def __enter__(self):
         for thread in self.threads:
@@ -275,10 +289,10 @@ def proc_status(pid, key):
 # -- Database outage: killed, or frozen --------------------------------------------------------
 
 
-def run_fault_drill(server, mariadb, database, fault, heal, fault_seconds):
+def run_fault_drill(server, mariadb, database, fault, heal, fault_seconds, keyed=False):
     """Steady writes; fault the database; probe; heal it; check every invariant of the issue."""
     probes = []  # (path, outcome) of /ready and /health while the database is faulted
-    with Writers(server.port) as writers:
+    with Writers(server.port, keyed=keyed) as writers:
         assert writers.wait_for(lambda o: o.status == 201, timeout=10), writers.snapshot()[:3]
         time.sleep(1)  # steady state before the fault
         fault()
@@ -327,7 +341,11 @@ def run_fault_drill(server, mariadb, database, fault, heal, fault_seconds):
     assert not missing, f"acknowledged writes lost: {missing}"
     models = [model for _, model in rows]
     assert len(models) == len(set(models)), "a car was stored twice"
+    summary = {}
+    if keyed:
+        summary = check_each_key_made_one_car(mariadb, database, outcomes, stored)
     return {
+        **summary,
         "writes": len(outcomes),
         "503": sum(o.status == 503 for o in outcomes),
         "slowest_s": round(slowest.duration, 2),
@@ -335,10 +353,32 @@ def run_fault_drill(server, mariadb, database, fault, heal, fault_seconds):
     }
 
 
+def check_each_key_made_one_car(mariadb, database, outcomes, stored):
+    """Check that every Idempotency-Key maps to exactly one car: its own, once."""
+    with mariadb.connect(database) as conn, conn.cursor() as cur:
+        cur.execute("SELECT idem_key, car_id FROM idempotency_keys")
+        made = dict(cur.fetchall())
+    by_model = {model: car_id for car_id, model in stored.items()}
+    acknowledged = {o.key: o.body["id"] for o in outcomes if o.status == 201}
+    retried = {o.key for o in outcomes if o.status != 201}
+    assert acknowledged, "no keyed write succeeded"
+    for key, car_id in acknowledged.items():
+        assert made.get(key) == car_id, f"{key} answered {car_id}, stored {made.get(key)}"
+    for key in {o.key for o in outcomes}:
+        model = key.rsplit("-", 1)[0]
+        # Key and car are written in one transaction: both exist, or neither does.
+        assert made.get(key) == by_model.get(model), f"{key}: key and car disagree"
+    return {
+        "keys": len({o.key for o in outcomes}),
+        "retried_keys": len(retried),
+        "retried_then_201": len(retried & set(acknowledged)),
+    }
+
+
 def test_database_killed_gives_503_then_recovers_without_losing_a_write(run_server, mariadb):
     database = f"drill_{uuid.uuid4().hex[:8]}"
     server = run_server(mariadb.env(database))
-    summary = run_fault_drill(server, mariadb, database, mariadb.kill, mariadb.start, 4)
+    summary = run_fault_drill(server, mariadb, database, mariadb.kill, mariadb.start, 4, keyed=True)
     print(f"killed-database drill: {summary}")
 
 
