@@ -31,8 +31,8 @@ INSTALL_DB = shutil.which("mariadb-install-db", path=SBIN) or shutil.which(
     "mysql_install_db", path=SBIN
 )
 DB_TIMEOUT = 2  # seconds; cars.py bounds connect, lock waits and reads with it
-# The longest a request may take while the database misbehaves: connect or lock wait, plus the
-# read timeout cars.py adds (DB_TIMEOUT + 2), plus scheduling slack. Past it, a request "hangs".
+# The longest a request may take while the database misbehaves: cars.py keeps one request's
+# database time within DB_TIMEOUT; the rest is scheduling slack on a busy host. Past it, it "hangs".
 REQUEST_BOUND = 3 * DB_TIMEOUT + 4
 RECOVERY_BOUND = 5.0  # the issue: writes succeed again within 5 s of the database coming back
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "180"))
@@ -316,8 +316,9 @@ def run_fault_drill(server, mariadb, database, fault, heal, fault_seconds, keyed
     assert all(is_problem_503(o) for o in outcomes if o.status == 503)
     slowest = max(outcomes, key=lambda o: o.duration)
     assert slowest.duration <= REQUEST_BOUND, slowest
-    # Requests begun after the fault that ended before the repair began can only have failed.
-    during = [o for o in outcomes if o.started > faulted and o.ended < healing]
+    # Requests begun after the fault took hold (a signal needs a moment on a busy host) that
+    # ended before the repair began can only have failed.
+    during = [o for o in outcomes if o.started > faulted + 0.1 and o.ended < healing]
     assert during, "no write was attempted while the database was down"
     assert all(o.status == 503 for o in during), [o for o in during if o.status != 503][:3]
     ready = [o for path, o in probes if path == "/ready" and o.started > faulted + 0.1]
