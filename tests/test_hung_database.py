@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+import pymysql
 import pytest
 from conftest import MYSQL, free_port, mysql_env
 
@@ -140,3 +141,26 @@ def test_service_recovers_within_a_second_of_the_database_answering(
         time.sleep(0.05)
     car = {"brand": "Back", "model": "Again", "year": 2020}
     assert call(server.port, "/cars", "POST", car)[0] == 201
+
+
+def test_lock_wait_ends_before_the_socket_timeout_with_a_clean_503(run_server, mysql_database):
+    server = run_server({**mysql_env(mysql_database), "DB_TIMEOUT": "2"})
+    car = {"brand": "Locked", "model": "Row", "year": 2020}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/cars", json.dumps(car), {"Content-Type": "application/json"})
+    car_id = json.loads(conn.getresponse().read())["id"]
+    conn.close()
+    side = pymysql.connect(**MYSQL, database=mysql_database, autocommit=True)
+    try:
+        side.cursor().execute("BEGIN")
+        side.cursor().execute("SELECT id FROM cars WHERE id = %s FOR UPDATE", (car_id,))
+        status, headers, took = call(server.port, f"/cars/{car_id}", "PUT", car)
+    finally:
+        side.close()
+    assert status == 503
+    assert int(headers["Retry-After"]) > 0
+    assert took <= 2 + 1
+    log = server.log()
+    assert "Lock wait timeout exceeded" in log  # the server's answer, not a dead socket
+    assert "Lost connection" not in log
+    assert call(server.port, f"/cars/{car_id}", "PUT", car)[0] == 200
