@@ -615,7 +615,7 @@ def parse_json(raw):
 
 def idempotency_key():
     """Return the request's Idempotency-Key, None without one, or raise 400."""
-    raw = request.get_header("Idempotency-Key")
+    raw = request.environ.get("HTTP_IDEMPOTENCY_KEY")  # the raw latin-1 text: never undecodable
     if raw is None:
         return None
     if not re.fullmatch(IDEMPOTENCY_KEY, raw):

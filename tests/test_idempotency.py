@@ -75,9 +75,12 @@ def test_quoted_key_of_the_draft_is_the_same_key(testapp, db):
     assert cars_count(db) == 1
 
 
-@pytest.mark.parametrize("key", ["", "has space", "x" * 256, "caf\u00e9", '"unterminated', "a\\b"])
+@pytest.mark.parametrize(
+    "key", ["", "has space", "x" * 256, "caf\u00e9", "a\xffb", '"unterminated', "a\\b"]
+)
 def test_unusable_key_is_400_and_stores_nothing(testapp, db, key):
-    headers = {"Idempotency-Key": key.encode().decode("latin-1")}
+    raw = key if "\xff" in key else key.encode().decode("latin-1")  # \xff: a raw 0xFF byte
+    headers = {"Idempotency-Key": raw}
     res = testapp.post_json("/cars", GOLF, headers=headers, status=400)
     assert res.content_type == "application/problem+json"
     assert cars_count(db) == 0
