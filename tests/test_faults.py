@@ -6,7 +6,10 @@ exists). pytest-mock stands in only for what cannot be caused on demand: a commi
 link, a second deadlock in a row, too many connections.
 """
 
+import http.client
+import json
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -294,3 +297,30 @@ def test_dropped_database_is_500_not_503(mysql_database, caplog):
         r.getMessage() == "database error" and "Unknown database" in r.fields["cause"]
         for r in caplog.records
     )
+
+
+def test_slow_body_upload_holds_no_row_lock(run_server, mysql_database):
+    server = run_server(mysql_env(mysql_database))
+
+    def request(method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, None if body is None else json.dumps(body), sent)
+        res = conn.getresponse()
+        return res.status, res.getheader("ETag"), json.loads(res.read() or b"null")
+
+    _, tag, car = request("POST", "/cars", GOLF)
+    body = json.dumps({"year": 2001}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        head = (
+            f"PATCH /cars/{car['id']} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"If-Match: {tag}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        slow.sendall(head.encode() + body[:5])  # the rest of the body is still on its way
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, _, _ = request("PUT", f"/cars/{car['id']}", POLO)
+        assert (status, time.monotonic() - started < 2) == (200, True)
+        slow.sendall(body[5:])
+        answer = slow.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 412")  # the PUT changed the ETag the PATCH named
