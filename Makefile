@@ -20,9 +20,11 @@ STACK_PREFIX ?= cars-api
 BASE_STACK ?= $(STACK_PREFIX)-base
 SERVICE_STACK ?= $(STACK_PREFIX)-service
 GITHUB_REPOSITORY ?=
+REVIEWERS ?=
 
 # The scripts read their settings from the environment, never from their arguments.
 export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK GITHUB_REPOSITORY
+export REVIEWERS
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
@@ -141,3 +143,15 @@ logs: ## Print recent log events of the service.
 .PHONY: stack-delete
 stack-delete: ## Delete the stacks after confirmation; says what survives.
 	scripts/stack-delete.sh
+
+##@ GitHub (uses the gh CLI and its login)
+
+.PHONY: github-setup
+github-setup: ## Set the OIDC subject claim and the production environment (REVIEWERS required).
+	@[[ -n "$${REVIEWERS:-}" ]] || { echo "error: REVIEWERS is required" >&2; \
+	  echo "usage: make github-setup REVIEWERS=<login>,team:<org>/<slug> [GITHUB_REPOSITORY=owner/name]" >&2; exit 2; }
+	$(PYTHON) scripts/github_settings.py setup
+
+.PHONY: github-check
+github-check: ## Fail, one line per drift, when the GitHub settings the deploy role trusts differ.
+	$(PYTHON) scripts/github_settings.py check

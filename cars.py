@@ -9,6 +9,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -30,6 +31,8 @@ import pymysql
 import waitress
 from bottle import request, response
 from waitress import wasyncore
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
+from waitress.utilities import Error as WaitressError
 
 # -- Configuration -------------------------------------------------------------------------------
 
@@ -59,7 +62,16 @@ FIELDS = ("brand", "model", "year")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_TYPES = frozenset({"application/json"})
 PATCH_TYPES = frozenset({"application/json", "application/merge-patch+json"})
-SHUTDOWN_GRACE = 10.0  # seconds to finish in-flight requests; ECS waits 30 s by default
+MIN_TOKEN = 32  # characters: a shorter API_TOKEN can be guessed
+# The shutdown budget. The longest request waits MAX_QUEUE_TIMEOUT for a worker, then DB_TIMEOUT
+# (capped at MAX_DB_TIMEOUT) for the database, twice when a deadlock is retried; the drain waits
+# that long at most, then THREAD_JOIN for the workers. StopTimeout in service.yaml is above the
+# sum, so ECS never kills a process that is still finishing accepted requests (a test checks).
+MAX_DB_TIMEOUT = 10.0
+MAX_QUEUE_TIMEOUT = 1.0
+SHUTDOWN_GRACE = 2 * MAX_DB_TIMEOUT + MAX_QUEUE_TIMEOUT + 1
+THREAD_JOIN = 1.0
+SETTLE = 0.2  # seconds the drain keeps reading, so that requests already sent are served
 
 log = logging.getLogger("cars")
 
@@ -79,6 +91,8 @@ class Settings(NamedTuple):
     api_token: str | None
     log_level: str
     db_timeout: float
+    queue_timeout: float
+    anonymous_writes: bool
 
 
 def env_number(environ, name, default, kind, low, high):
@@ -100,7 +114,7 @@ def load_settings(environ):
         sys.exit(
             f"cars-api: LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}"
         )
-    return Settings(
+    settings = Settings(
         host=environ.get("HOST", "").strip() or "127.0.0.1",
         port=env_number(environ, "PORT", 8080, int, 1, 65535),
         threads=env_number(environ, "THREADS", 8, int, 1, 256),
@@ -110,10 +124,39 @@ def load_settings(environ):
         mysql_password=environ.get("MYSQL_PASSWORD", ""),
         mysql_database=environ.get("MYSQL_DATABASE", "").strip() or "cars",
         sqlite_path=environ.get("SQLITE_PATH", "").strip() or "cars.db",
-        api_token=environ.get("API_TOKEN") or None,
+        api_token=api_token(environ),
         log_level=level,
-        db_timeout=env_number(environ, "DB_TIMEOUT", 5, float, 0.1, 300),
+        db_timeout=env_number(environ, "DB_TIMEOUT", 5, float, 0.5, MAX_DB_TIMEOUT),
+        queue_timeout=env_number(environ, "QUEUE_TIMEOUT", 0.5, float, 0.05, MAX_QUEUE_TIMEOUT),
+        anonymous_writes=environ.get("ALLOW_ANONYMOUS_WRITES", "").strip().lower() == "true",
     )
+    if settings.api_token is None and not (loopback(settings.host) or settings.anonymous_writes):
+        sys.exit(
+            f"cars-api: API_TOKEN is required when listening on {settings.host}, which is not "
+            "loopback; set ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes anyway"
+        )
+    return settings
+
+
+def loopback(host):
+    """Tell whether a listen address is reachable from this machine only."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_token(environ):
+    """Read API_TOKEN, stripped once; stop if it is too short to be a secret."""
+    token = environ.get("API_TOKEN", "").strip()
+    if not token:
+        return None
+    if len(token) < MIN_TOKEN or not token.isascii() or not token.isprintable() or " " in token:
+        sys.exit(
+            f"cars-api: API_TOKEN must be at least {MIN_TOKEN} printable ASCII characters "
+            "without spaces (for example: openssl rand -hex 32)"
+        )
+    return token
 
 
 class JsonFormatter(logging.Formatter):
@@ -530,6 +573,16 @@ def claim_key(key):
 # -- Validation and responses --------------------------------------------------------------------
 
 
+def header(name, default=""):
+    """Return a request header as the WSGI server passed it (one byte per character).
+
+    The one place that reads headers: Bottle's get_header() decodes values as UTF-8 and raises on
+    other bytes, so a header a client controls could turn into a 500. Compared with ASCII tokens
+    and tags, the raw text matches exactly what it should and nothing else.
+    """
+    return request.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
+
+
 def problem(status, detail, errors=None, **headers):
     """Build an RFC 9457 problem response to raise."""
     body = {"type": "about:blank", "title": bottle.HTTP_CODES[status], "status": status}
@@ -542,9 +595,14 @@ def problem(status, detail, errors=None, **headers):
 def render_problem(error):
     """Render any HTTP error, ours or Bottle's, as application/problem+json."""
     body = error.body
+    if error.status_code == 405:
+        response.set_header("Allow", ", ".join(allowed_methods(request.path)))
     if not isinstance(body, dict):
         status = error.status_code
-        details = {404: "No such resource.", 405: f"Allowed methods: {error.get_header('Allow')}."}
+        details = {
+            404: "No such resource.",
+            405: f"Allowed methods: {response.get_header('Allow')}.",
+        }
         body = problem(status, details.get(status, bottle.HTTP_CODES.get(status, ""))).body
     response.content_type = "application/problem+json"
     return json.dumps(body)
@@ -568,10 +626,10 @@ def etag(version):
 
 def check_if_match(version):
     """Refuse the write with 412 when If-Match names another version."""
-    header = request.get_header("If-Match")
-    if header is None:
+    given = header("If-Match")
+    if not given:
         return
-    tags = {tag.strip() for tag in header.split(",")}
+    tags = {tag.strip() for tag in given.split(",")}
     if "*" not in tags and etag(version) not in tags:
         raise problem(412, f"If-Match does not match the current ETag {etag(version)}.")
 
@@ -615,7 +673,7 @@ def parse_json(raw):
 
 def idempotency_key():
     """Return the request's Idempotency-Key, None without one, or raise 400."""
-    raw = request.environ.get("HTTP_IDEMPOTENCY_KEY")  # the raw latin-1 text: never undecodable
+    raw = header("Idempotency-Key", None)
     if raw is None:
         return None
     if not re.fullmatch(IDEMPOTENCY_KEY, raw):
@@ -748,11 +806,32 @@ app.default_error_handler = render_problem
 
 @app.hook("before_request")
 def start_request():
-    """Note when the request began and which request id it carries."""
+    """Note when the request began and its id; refuse a path that is not UTF-8; answer OPTIONS."""
     request.environ["cars.start"] = time.perf_counter()
-    given = request.get_header("X-Request-Id", "")
+    given = header("X-Request-Id")
     valid = 0 < len(given) <= 128 and given.isascii() and given.isprintable()
     request.environ["cars.request_id"] = given if valid else uuid.uuid4().hex
+    try:
+        request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise problem(400, "The path is not valid UTF-8.") from None
+    if request.method == "OPTIONS":
+        allowed = allowed_methods(request.path)
+        if not allowed:
+            raise problem(404, "No such resource.")
+        raise bottle.HTTPResponse(status=204, Allow=", ".join(allowed))
+
+
+def allowed_methods(path):
+    """Return the methods a path answers, HEAD and OPTIONS included; none for unknown paths."""
+    methods = set()
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        with suppress(bottle.HTTPError):
+            app.router.match({"PATH_INFO": path, "REQUEST_METHOD": method})
+            methods.add(method)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods | {"OPTIONS"}) if methods else []
 
 
 @app.hook("after_request")
@@ -776,9 +855,9 @@ def authorize():
     token = app.config["cars.settings"].api_token
     if token is None:
         return
-    scheme, _, given = request.get_header("Authorization", "").partition(" ")
+    scheme, _, given = header("Authorization").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
+        given.strip().encode("latin-1"), token.encode()
     ):
         raise problem(
             401, "A valid bearer token is required.", WWW_Authenticate='Bearer realm="cars-api"'
@@ -1129,22 +1208,128 @@ def configure(settings):
     return app
 
 
-def busy(dispatchers):
-    """Tell whether any connection still has a request to answer or bytes to send."""
-    return any(
-        getattr(d, "requests", None) or getattr(d, "total_outbufs_len", 0) for d in dispatchers
-    )
+draining = threading.Event()  # set at SIGTERM: every response from then on closes its connection
+
+
+class QueueTimeoutError(WaitressError):
+    """A request that waited longer than QUEUE_TIMEOUT for a worker."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
+class ProblemTask(ErrorTask):
+    """Answer what Waitress refuses itself (bad framing, 413, 431, overload) as problem+json."""
+
+    def execute(self):
+        error = self.request.error
+        detail = {
+            413: f"The body is larger than {MAX_BODY} bytes.",
+            503: "The service is overloaded; retry shortly.",
+        }.get(error.code, str(error.body)[:200])
+        body = json.dumps(problem(error.code, detail).body).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/problem+json"))
+        if error.code == 503:
+            self.response_headers.append(("Retry-After", "1"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        method = getattr(self.request, "command", None)  # unset when the request line was bad
+        fields = {"method": method, "status": error.code, "error": error.reason}
+        log.info("request refused", extra={"fields": fields})
+
+
+class Task(WSGITask):
+    """Waitress's WSGI task; while the server drains, each response closes its connection."""
+
+    def build_response_header(self):
+        if draining.is_set():
+            self.set_close_on_finish()  # says Connection: close, so no client sends another
+        return super().build_response_header()
+
+
+class Channel(waitress.channel.HTTPChannel):
+    """Waitress's HTTP connection, with the two task classes above."""
+
+    task_class = Task
+    error_task_class = ProblemTask
+
+
+class Dispatcher(ThreadedTaskDispatcher):
+    """Waitress's worker pool, with liveness and overload answered without waiting for a worker.
+
+    /health and Waitress's own errors need no database, so the event loop answers them at once:
+    a liveness probe never waits behind workers stuck on the database. A request that waits
+    longer than QUEUE_TIMEOUT for a worker is answered 503 by the event loop, so a slow database
+    gives fast refusals instead of a queue that grows for minutes.
+    """
+
+    def __init__(self, queue_timeout):
+        super().__init__()
+        self.queue_timeout = queue_timeout
+        self.cheap = []  # channels whose next request the event loop answers itself
+
+    def add_task(self, channel):
+        """Queue a channel's next request for a worker, or for the event loop if it is cheap."""
+        req = channel.requests[0]
+        if req.error is None and not (req.command in ("GET", "HEAD") and req.path == "/health"):
+            req.cars_queued = time.monotonic()
+            super().add_task(channel)
+            return
+        with self.lock:  # the caller holds the channel's lock: answer after it lets go
+            self.cheap.append(channel)
+        channel.server.pull_trigger()  # wake the event loop when a worker queued it
+
+    def answer_now(self):
+        """In the event loop: answer cheap requests, and 503 to those that waited too long."""
+        cutoff = time.monotonic() - self.queue_timeout
+        with self.lock:
+            cheap, self.cheap = self.cheap, []
+            while self.queue and self.queue[0].requests[0].cars_queued < cutoff:
+                expired = self.queue.popleft()
+                expired.requests[0].error = QueueTimeoutError("queue timeout")
+                cheap.append(expired)
+        for channel in cheap:
+            try:
+                channel.service()
+            except Exception:  # a bug here must not stop the event loop that serves everyone
+                log.exception("unhandled error in the event loop")
+                channel.handle_close()
+
+
+def busy(channels):
+    """Tell whether any connection is receiving a request, has one to answer, or bytes to send."""
+    return any(c.request or c.requests or c.total_outbufs_len for c in channels)
+
+
+def accept_backlog(listener):
+    """Take every connection the kernel has already accepted, so that none is reset at close."""
+    for _ in range(listener.adj.connection_limit):
+        try:
+            accepted = listener.accept()
+        except OSError:
+            return
+        if accepted is None:
+            return
+        conn, addr = accepted
+        listener.set_socket_options(conn)
+        listener.channel_class(listener, conn, addr, listener.adj, map=listener._map)
 
 
 def serve(settings):
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and return.
+    """Serve until SIGTERM or SIGINT, then finish every accepted request and return.
 
     Waitress has no drain of its own (on an interrupt its run() leaves the event loop that sends
     responses, then cancels queued requests), so this runs that loop itself. It relies on 3.0's
-    socket map and channel attributes (waitress is pinned; the shutdown tests cover them).
+    socket map, dispatcher and channel attributes (waitress is pinned; the serving tests cover
+    them). A second signal ends the drain at once.
     """
+    dispatcher = Dispatcher(settings.queue_timeout)
+    dispatcher.set_thread_count(settings.threads)
     server = waitress.create_server(
         app,
+        _dispatcher=dispatcher,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
@@ -1152,26 +1337,37 @@ def serve(settings):
         channel_timeout=30,
         connection_limit=200,
         max_request_header_size=16 * 1024,
-        max_request_body_size=1024 * 1024,
+        max_request_body_size=MAX_BODY + 1,  # Waitress refuses a body of this size or more
     )
     sockets = getattr(server, "map", None) or server._map  # several listeners, or one
     listeners = [d for d in sockets.values() if isinstance(d, waitress.server.BaseWSGIServer)]
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: stopping.set())
-    log.info("listening", extra={"fields": {"url": f"http://{settings.host}:{settings.port}"}})
-    while not stopping.is_set():
-        wasyncore.loop(timeout=0.2, map=sockets, use_poll=True, count=1)
-    log.info("stopping: finishing in-flight requests")
     for listener in listeners:
+        listener.channel_class = Channel
+    signals = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: signals.append(number))
+    log.info("listening", extra={"fields": {"url": f"http://{settings.host}:{settings.port}"}})
+    while not signals:
+        wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
+        dispatcher.answer_now()
+    log.info("stopping: finishing accepted requests")
+    draining.set()
+    for listener in listeners:
+        accept_backlog(listener)
         wasyncore.dispatcher.close(listener)
     now = time.monotonic()
-    settle, deadline = now + 0.2, now + SHUTDOWN_GRACE  # settle: read requests already sent
-    while now < deadline and (now < settle or busy(list(sockets.values()))):
+    settle, deadline = now + SETTLE, now + SHUTDOWN_GRACE
+    channels = [d for d in sockets.values() if isinstance(d, Channel)]
+    while len(signals) < 2 and now < deadline and (now < settle or busy(channels)):
         wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
+        dispatcher.answer_now()
+        channels = [d for d in sockets.values() if isinstance(d, Channel)]
         now = time.monotonic()
-    for listener in listeners:
-        listener.task_dispatcher.shutdown(timeout=1)
+    if len(signals) > 1:
+        log.warning("second signal: stopping now, without waiting for requests in flight")
+    elif busy(channels):
+        log.warning("shutdown grace ran out with requests in flight")
+    dispatcher.shutdown(timeout=0 if len(signals) > 1 else THREAD_JOIN)
     wasyncore.close_all(sockets)
     log.info("stopped")
 

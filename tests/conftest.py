@@ -24,7 +24,7 @@ MYSQL = {
     "user": os.environ.get("MYSQL_TEST_USER", "root"),
     "password": os.environ.get("MYSQL_TEST_PASSWORD", ""),
 }
-TOKEN = "test-token-for-writes"  # noqa: S105 -- a made-up token that only the tests use
+TOKEN = "test-token-for-writes-0123456789abcdef"  # noqa: S105 -- a made-up token that only the tests use
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
 
 

@@ -422,8 +422,11 @@ def test_locked_database_gives_bounded_503_and_recovers_on_release(run_server, m
             else:
                 cur.execute("BEGIN")
                 cur.execute("SELECT id FROM cars WHERE id = %s FOR UPDATE", (locked,))
-        # Three times as many blocked requests as worker threads, all at once.
-        jobs = [("PUT", f"/cars/{locked}", car("changed"))] * (3 * threads)
+        # A table lock: three times as many blocked requests as worker threads, all at once. A
+        # row lock: one worker stays free, to show that the rest of the table is still served
+        # (with every worker waiting, requests are shed: see tests/test_serving.py).
+        blocked = 3 * threads if lock == "table" else threads - 1
+        jobs = [("PUT", f"/cars/{locked}", car("changed"))] * blocked
         if lock == "table":
             jobs += [("GET", f"/cars/{other}", None), ("POST", "/cars", car("new"))] * threads
         results = [None] * len(jobs)
@@ -464,7 +467,7 @@ def test_locked_database_gives_bounded_503_and_recovers_on_release(run_server, m
 
 def test_sigterm_under_load_completes_accepted_requests_and_exits_0(run_server, tmp_path):
     db_path = tmp_path / "shutdown.db"
-    server = run_server({"SQLITE_PATH": str(db_path), "DB_TIMEOUT": "20"})
+    server = run_server({"SQLITE_PATH": str(db_path), "DB_TIMEOUT": "10"})
     seed = call(server.port, "POST", "/cars", car("seed")).body["id"]
     stopping = threading.Event()
     reads = []

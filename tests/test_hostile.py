@@ -183,3 +183,97 @@ def test_clients_sending_a_byte_a_second_do_not_starve_others(server, payload):
         for sock in slow:
             sock.close()
     assert_no_server_error_logged(server)
+
+
+# Bytes that are not UTF-8 (a lone continuation byte, 0xFF, a truncated sequence) and latin-1
+# text, in every header the service reads and in the path and query.
+BAD_BYTES = [b"a\xffb", b"\x80", b"\xc3(", b"caf\xe9"]
+READ_HEADERS = [
+    b"X-Request-Id",
+    b"Authorization",
+    b"If-Match",
+    b"Content-Type",
+    b"Idempotency-Key",
+    b"X-Forwarded-For",
+    b"X-Amzn-Trace-Id",
+    b"User-Agent",
+]
+
+
+def request_with(method, target, header=b"", body=b""):
+    """Build a request with one extra raw header line and an optional JSON body."""
+    lines = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" % (method, target)
+    if body:
+        lines += b"Content-Length: %d\r\n" % len(body)
+        if not header.lower().startswith(b"content-type"):
+            lines += b"Content-Type: application/json\r\n"
+    return lines + header + b"\r\n" + body
+
+
+def json_lines_only(server):
+    """Assert that every line the process wrote is one JSON object; return them."""
+    entries = []
+    for line in server.log().splitlines():
+        entry = json.loads(line)  # a bare traceback or warning fails here
+        assert isinstance(entry, dict), line
+        entries.append(entry)
+    return entries
+
+
+@pytest.mark.parametrize("raw", BAD_BYTES, ids=["ff", "continuation", "truncated", "latin1"])
+@pytest.mark.parametrize("name", READ_HEADERS, ids=[h.decode() for h in READ_HEADERS])
+def test_non_utf8_bytes_in_any_header_never_give_a_5xx(server, name, raw):
+    header = name + b": " + raw + b"\r\n"
+    body = b'{"brand": "X", "model": "Y", "year": 2000}'
+    requests = [
+        request_with(b"GET", b"/health", header),
+        request_with(b"GET", b"/cars", header),
+        request_with(b"POST", b"/cars", header, body),
+        request_with(b"PUT", b"/cars/1", header, body),
+        request_with(b"DELETE", b"/cars/1", header),
+    ]
+    for payload in requests:
+        status = exchange(server.port, payload)
+        assert status is None or status < 500, (payload, status)
+    entries = json_lines_only(server)
+    assert not [e for e in entries if e.get("level") == "ERROR" or e.get("status", 0) >= 500]
+
+
+def test_invalid_request_id_bytes_are_replaced_by_a_generated_id(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(request_with(b"GET", b"/health", b"X-Request-Id: a\xffb\r\n"))
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head = reply.split(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200")
+    echoed = [line for line in head.split(b"\r\n") if line.startswith(b"X-Request-Id: ")]
+    assert len(echoed) == 1
+    assert echoed[0][len(b"X-Request-Id: ") :].isalnum()
+
+
+@pytest.mark.parametrize("target", [b"/cars/\xff1", b"/cars/%FF1", b"/cars?brand=%FF", b"/\xc3("])
+def test_non_utf8_path_or_query_is_a_4xx_problem(server, target):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(request_with(b"GET", target))
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert 400 <= int(head.split(b" ")[1]) < 500, head
+    assert b"Content-Type: application/problem+json" in head
+    assert json.loads(body)["status"] >= 400
+    json_lines_only(server)
+
+
+def test_waitress_parse_errors_are_problem_json(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(CASES["header_over_limit"])
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert 400 <= int(head.split(b" ")[1]) < 500, head
+    assert b"Content-Type: application/problem+json" in head
+    assert json.loads(body)["title"]

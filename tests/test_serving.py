@@ -1,0 +1,424 @@
+"""The serving path of a real `python cars.py` process: liveness under load, shedding, shutdown.
+
+Each test drives the server over sockets on 127.0.0.1 and checks one promise of cars.py: /health
+never waits for the database, overload is answered at once instead of queued, a shutdown drops
+nothing that was accepted, and the HTTP details (OPTIONS, Allow, 413, tokens) hold.
+"""
+
+import contextlib
+import http.client
+import json
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+from cfnlint.decode import decode
+from conftest import MYSQL, ROOT, TOKEN, mysql_env
+
+import cars
+
+GOLF = {"brand": "Volkswagen", "model": "Golf", "year": 2018}
+HEALTH_BOUND = 0.5  # seconds; the rule is 100 ms, the margin absorbs a shared CI machine
+SLACK = 0.75  # seconds of scheduling slack on top of any bound cars.py promises
+
+
+def request(port, method, path, body=None, headers=None, timeout=30):
+    """Send one request; return (status, headers, parsed body, seconds) or raise on EOF."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        payload = None if body is None else json.dumps(body)
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, payload, {**sent, **(headers or {})})
+        res = conn.getresponse()
+        raw = res.read()
+        return (
+            res.status,
+            dict(res.getheaders()),
+            json.loads(raw) if raw else None,
+            (time.monotonic() - started),
+        )
+    finally:
+        conn.close()
+
+
+def proc_status(pid, key):
+    """Return one number from /proc/<pid>/status (Threads, or VmRSS in KiB)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(key + ":")))
+
+
+class SilentDatabase:
+    """A TCP listener on 127.0.0.1 that accepts connections and never says a word."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    def accept(self):
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def silent_database():
+    database = SilentDatabase()
+    yield database
+    database.close()
+
+
+def probe_health(port, count, pause=0.05):
+    """Call /health `count` times; return the durations of the answers (all must be 200)."""
+    durations = []
+    for _ in range(count):
+        status, _, _, seconds = request(port, "GET", "/health", timeout=5)
+        assert status == 200
+        durations.append(seconds)
+        time.sleep(pause)
+    return durations
+
+
+# -- The database cannot stall the process ----------------------------------------------------
+
+
+def test_health_answers_at_once_while_every_worker_waits_for_a_silent_database(
+    run_server, silent_database
+):
+    server = run_server(
+        {"MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(silent_database.port), "THREADS": "4"}
+    )
+    results = []
+
+    def ready():
+        results.append(request(server.port, "GET", "/ready", timeout=30))
+
+    callers = [threading.Thread(target=ready) for _ in range(12)]
+    for caller in callers:
+        caller.start()
+    time.sleep(0.3)  # the workers are now stuck in the database handshake
+    durations = probe_health(server.port, 20)
+    for caller in callers:
+        caller.join(timeout=30)
+    assert max(durations) < HEALTH_BOUND, durations
+    assert len(results) == len(callers)
+    timeout = cars.load_settings({}).db_timeout
+    assert all(status == 503 for status, *_ in results)
+    assert all(int(headers["Retry-After"]) > 0 for _, headers, *_ in results)
+    assert max(seconds for *_, seconds in results) <= timeout + 1 + SLACK
+
+
+# -- Overload is shed, not queued --------------------------------------------------------------
+
+
+def test_row_lock_under_64_writers_is_shed_fast_and_health_stays_fast(run_server, mysql_database):
+    server = run_server({**mysql_env(mysql_database), "API_TOKEN": TOKEN})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    car_id = request(server.port, "POST", "/cars", GOLF, auth)[2]["id"]
+    settings = cars.load_settings(mysql_env(mysql_database))
+    for _ in range(200):  # warm up: every worker opens its connection before the baseline
+        request(server.port, "GET", f"/cars/{car_id}")
+    threads_before = proc_status(server.proc.pid, "Threads")
+    rss_before = proc_status(server.proc.pid, "VmRSS")
+    outcomes, health = [], []
+    stop = threading.Event()
+
+    def writer(number):
+        while not stop.is_set():
+            try:
+                outcomes.append(
+                    request(server.port, "PUT", f"/cars/{car_id}", {**GOLF, "year": 2000}, auth)
+                )
+            except OSError as exc:
+                outcomes.append((None, {}, str(exc), 0.0))
+            time.sleep(0.01 * (number % 4))
+
+    with pymysql.connect(**MYSQL, database=mysql_database) as locker:
+        with locker.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SELECT id FROM cars WHERE id = %s FOR UPDATE", (car_id,))
+            writers = [threading.Thread(target=writer, args=(n,)) for n in range(64)]
+            for thread in writers:
+                thread.start()
+            locked_until = time.monotonic() + 10
+            while time.monotonic() < locked_until:
+                health.extend(probe_health(server.port, 1, pause=0.1))
+            threads_during = proc_status(server.proc.pid, "Threads")
+            cur.execute("ROLLBACK")
+        released = time.monotonic()
+    while True:  # full service within 1 s of the release
+        status, *_ = request(server.port, "PUT", f"/cars/{car_id}", GOLF, auth)
+        if status == 200 or time.monotonic() - released > 5:
+            break
+    recovered_after = time.monotonic() - released
+    stop.set()
+    for thread in writers:
+        thread.join(timeout=60)
+
+    statuses = {status for status, *_ in outcomes}
+    assert statuses <= {200, 503}, statuses
+    shed = [h for status, h, *_ in outcomes if status == 503]
+    assert shed, "nothing was shed while the row was locked"
+    assert all(int(h["Retry-After"]) > 0 for h in shed)
+    slowest = max(seconds for *_, seconds in outcomes)
+    assert slowest <= settings.db_timeout + 1 + SLACK, slowest
+    health.sort()
+    assert health[int(len(health) * 0.99) - 1] < HEALTH_BOUND, health[-5:]
+    assert recovered_after <= 1 + SLACK, recovered_after
+    assert threads_during <= threads_before
+    assert proc_status(server.proc.pid, "Threads") <= threads_before
+    rss_after = proc_status(server.proc.pid, "VmRSS")
+    assert rss_after <= rss_before * 1.25, (rss_before, rss_after)
+    print(  # the numbers for the README and the issue; pytest -s shows them
+        f"row-lock drill: {len(outcomes)} writes, {len(shed)} shed, slowest {slowest:.2f} s, "
+        f"/health p99 {health[int(len(health) * 0.99) - 1] * 1000:.1f} ms, "
+        f"recovered {recovered_after:.2f} s, RSS {rss_before} -> {rss_after} KiB"
+    )
+
+
+# -- Shutdown drops nothing that was accepted --------------------------------------------------
+
+
+def raw_post(body, content_length=None):
+    """Return the head and body of a POST /cars as bytes."""
+    length = len(body) if content_length is None else content_length
+    head = (
+        b"POST /cars HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % length
+    )
+    return head, body
+
+
+def read_response(sock):
+    """Read one HTTP response from a raw socket; return (status, headers)."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"EOF after {reply!r}")
+        reply += chunk
+    head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in head[1:])
+    return int(head[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}
+
+
+def test_request_being_uploaded_at_sigterm_completes(run_server):
+    server = run_server()
+    body = json.dumps(GOLF).encode()
+    head, _ = raw_post(body)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + body[:10])
+        time.sleep(0.3)  # the server has read the headers and part of the body
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        status, headers = read_response(sock)
+    assert status == 201
+    assert headers["connection"] == "close"
+    assert server.stop() == 0
+
+
+def test_connections_waiting_in_the_backlog_at_sigterm_are_served(run_server):
+    server = run_server()
+    server.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts; the app reads nothing
+    try:
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+        for sock in socks:
+            sock.sendall(b"GET /cars HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        server.proc.send_signal(signal.SIGTERM)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    answers = []
+    for sock in socks:
+        with sock:
+            answers.append(read_response(sock))
+    # Every request gets an answer (a 503 from load shedding is one, on a starved machine).
+    assert {status for status, _ in answers} <= {200, 503}, answers
+    assert len(answers) == len(socks)
+    assert all(headers["connection"] == "close" for _, headers in answers)
+    assert server.stop() == 0
+
+
+def test_responses_during_the_drain_say_connection_close(run_server, tmp_path):
+    server = run_server({"DB_TIMEOUT": "8"})
+    assert request(server.port, "GET", "/cars")[0] == 200
+    blocker = sqlite3.connect(tmp_path / f"{server.port}.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/cars", json.dumps(GOLF), {"Content-Type": "application/json"})
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    blocker.execute("ROLLBACK")
+    res = conn.getresponse()
+    res.read()
+    assert res.status == 201
+    assert res.getheader("Connection") == "close"
+    conn.close()
+    assert server.stop() == 0
+
+
+def test_a_second_signal_during_the_drain_ends_the_process_promptly(run_server, tmp_path):
+    server = run_server({"DB_TIMEOUT": "8"})
+    assert request(server.port, "GET", "/cars")[0] == 200
+    blocker = sqlite3.connect(tmp_path / f"{server.port}.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/cars", json.dumps(GOLF), {"Content-Type": "application/json"})
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert server.proc.poll() is None
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=5)
+        assert time.monotonic() - signalled < 2
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    lines = [json.loads(line) for line in server.log().splitlines()]
+    assert any("second signal" in line["message"] for line in lines)
+
+
+def test_grace_outlasts_the_longest_request_and_fits_ecs_stop_timeout():
+    template, errors = decode(str(ROOT / "cloudformation" / "service.yaml"))
+    assert not errors
+    container = template["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    longest = cars.MAX_DB_TIMEOUT * 2 + cars.MAX_QUEUE_TIMEOUT  # a deadlock retry runs twice
+    assert longest + 1 <= cars.SHUTDOWN_GRACE
+    assert container["StopTimeout"] >= cars.SHUTDOWN_GRACE + cars.THREAD_JOIN + 2
+
+
+@pytest.mark.parametrize(("name", "value"), [("DB_TIMEOUT", "11"), ("QUEUE_TIMEOUT", "2")])
+def test_settings_past_the_shutdown_budget_are_refused(name, value):
+    with pytest.raises(SystemExit) as stopped:
+        cars.load_settings({name: value})
+    assert name in str(stopped.value)
+
+
+# -- HTTP details ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/cars", {"GET", "HEAD", "POST", "OPTIONS"}),
+        ("/cars/1", {"GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"}),
+        ("/health", {"GET", "HEAD", "OPTIONS"}),
+    ],
+)
+def test_options_answers_204_with_allow_and_405_lists_the_same(run_server, path, allowed):
+    server = run_server()
+    status, headers, body, _ = request(server.port, "OPTIONS", path)
+    assert status == 204
+    assert body is None
+    assert set(re.split(r",\s*", headers["Allow"])) == allowed
+    refused = "TRACE" if path != "/cars" else "DELETE"
+    status, headers, body, _ = request(server.port, refused, path)
+    assert status == 405
+    assert headers["Content-Type"] == "application/problem+json"
+    assert set(re.split(r",\s*", headers["Allow"])) == allowed
+
+
+def read_all(sock):
+    """Read until the server closes; return (status line, headers, body) of the one response."""
+    reply = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return head, payload
+
+
+def assert_problem_413(head, payload):
+    assert head.split(b" ")[1] == b"413", head
+    assert b"Content-Type: application/problem+json" in head
+    assert json.loads(payload)["status"] == 413
+
+
+def test_declared_body_over_the_limit_gets_a_problem_413_before_any_body_is_sent(run_server):
+    server = run_server()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
+        sock.sendall(
+            b"POST /cars HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (2 * cars.MAX_BODY)
+        )
+        assert_problem_413(*read_all(sock))
+
+
+def test_chunked_body_over_the_limit_gets_a_problem_413(run_server):
+    server = run_server()
+    body = b'{"brand": "' + b"a" * (2 * cars.MAX_BODY) + b'"}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may stop reading once it has refused
+            sock.sendall(
+                b"POST /cars HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+            )
+        assert_problem_413(*read_all(sock))
+
+
+def test_token_with_surrounding_whitespace_is_stripped_once_at_start(run_server):
+    server = run_server({"API_TOKEN": f"  {TOKEN}\n"})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert request(server.port, "POST", "/cars", GOLF, auth)[0] == 201
+    assert request(server.port, "POST", "/cars", GOLF)[0] == 401
+
+
+def test_token_shorter_than_32_characters_is_refused_at_start(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SQLITE_PATH": str(tmp_path / "x.db"), "API_TOKEN": "short"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cars.py")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode != 0
+    assert "API_TOKEN" in done.stderr
+    assert "short" not in done.stderr  # a refused secret is not echoed
+
+
+# -- Fail closed -------------------------------------------------------------------------------
+
+
+def test_without_a_token_a_non_loopback_listener_refuses_to_start(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SQLITE_PATH": str(tmp_path / "x.db"), "HOST": "0.0.0.0"}  # noqa: S104 -- never bound: start-up must stop first
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "cars.py")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "API_TOKEN" in lines[0]
+    assert "ALLOW_ANONYMOUS_WRITES" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HOST": "127.0.0.2"},
+        {"HOST": "::1"},
+        {"HOST": "localhost"},
+        {"HOST": "0.0.0.0", "ALLOW_ANONYMOUS_WRITES": "true"},  # noqa: S104 -- settings only
+        {"HOST": "0.0.0.0", "API_TOKEN": TOKEN},  # noqa: S104 -- settings only
+    ],
+    ids=["loopback", "ipv6_loopback", "localhost", "explicitly_allowed", "with_token"],
+)
+def test_anonymous_writes_are_allowed_only_on_loopback_or_when_named(env):
+    settings = cars.load_settings(env)
+    assert settings.host == env["HOST"]
+    assert (settings.api_token is None) == ("API_TOKEN" not in env)
