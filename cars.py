@@ -87,6 +87,7 @@ class Settings(NamedTuple):
     mysql_user: str
     mysql_password: str
     mysql_database: str
+    mysql_ssl_ca: str | None
     sqlite_path: str
     api_token: str | None
     log_level: str
@@ -123,6 +124,7 @@ def load_settings(environ):
         mysql_user=environ.get("MYSQL_USER", "").strip() or "root",
         mysql_password=environ.get("MYSQL_PASSWORD", ""),
         mysql_database=environ.get("MYSQL_DATABASE", "").strip() or "cars",
+        mysql_ssl_ca=environ.get("MYSQL_SSL_CA", "").strip() or None,
         sqlite_path=environ.get("SQLITE_PATH", "").strip() or "cars.db",
         api_token=api_token(environ),
         log_level=level,
@@ -330,6 +332,28 @@ def store_failure(exc):
     return error(message)
 
 
+def tls_context(ca):
+    """Return the one TLS context of all MySQL connections.
+
+    With a CA (a PEM file's path, or the PEM text itself, as ECS hands a secret over), TLS 1.2 or
+    newer is required and the server's certificate and host name are verified: a wrong CA or name
+    fails the connection. Without one, TLS is used when the server offers it, unverified.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is None:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        return context
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if ca.startswith("-----BEGIN"):
+            context.load_verify_locations(cadata=ca)
+        else:
+            context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        sys.exit(f"cars-api: MYSQL_SSL_CA is not a readable PEM CA certificate: {exc}")
+    return context
+
+
 class Database:
     """Hand each worker thread one reusable connection to MySQL or SQLite."""
 
@@ -339,8 +363,7 @@ class Database:
         self.errors = (pymysql.err.Error,) if self.mysql else (sqlite3.Error,)
         self.local = threading.local()
         self.schema_ready = False  # no lock: creating the schema twice at once is harmless
-        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self.tls.check_hostname, self.tls.verify_mode = False, ssl.CERT_NONE
+        self.tls = tls_context(settings.mysql_ssl_ca)
 
     def describe(self):
         """Name the store for the start-up log, without credentials."""
@@ -382,13 +405,15 @@ class Database:
             init_command=(
                 f"SET SESSION lock_wait_timeout={lock_wait}, innodb_lock_wait_timeout={lock_wait}"
             ),
-            ssl_disabled=True,
             defer_connect=True,
+            **({"ssl": self.tls} if s.mysql_ssl_ca else {"ssl_disabled": True}),
         )
-        # PyMySQL's default (TLS if the server offers it, unverified) builds a new SSL context
-        # per connection, loading the CA store while holding the GIL: 0.3 s under load, which
-        # stalls every thread when an outage makes each request reconnect. Same mode, one context.
-        conn.ssl, conn.ctx = True, self.tls
+        if not s.mysql_ssl_ca:
+            # PyMySQL's default (TLS if the server offers it, unverified) builds a new SSL context
+            # per connection, loading the CA store while holding the GIL: 0.3 s under load, which
+            # stalls every thread when an outage makes each request reconnect. Same mode, one
+            # context.
+            conn.ssl, conn.ctx = True, self.tls
         conn.connect()
         return conn
 

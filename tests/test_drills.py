@@ -44,8 +44,9 @@ SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "180"))
 class MariaDB:
     """A MariaDB server of our own on 127.0.0.1 that a drill may SIGKILL and start again."""
 
-    def __init__(self, base):
+    def __init__(self, base, options=()):
         self.base = base
+        self.options = list(options)  # more mariadbd options, such as TLS files
         self.datadir = base / "data"
         self.port = free_port()
         self.proc = None
@@ -82,6 +83,7 @@ class MariaDB:
                 "--bind-address=127.0.0.1",
                 "--skip-name-resolve",
                 "--innodb-buffer-pool-size=32M",
+                *self.options,
                 *self.user,
             ],
             stdout=log,
