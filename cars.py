@@ -7,13 +7,17 @@ or in an embedded SQLite file when MYSQL_HOST is unset. Run it with `make run` o
 
 import datetime
 import functools
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -35,6 +39,25 @@ from waitress.utilities import Error as WaitressError
 MAX_BODY = 64 * 1024
 MAX_ID = 2**63 - 1
 FIRST_CAR_YEAR = 1886
+TEXT_MAX = 64  # code points of brand and model, before trimming
+# Text fields are trimmed of the Unicode White_Space characters (ECMA-262's \s knows them too)
+# and may not contain controls (C0, DEL, C1). Validator and OpenAPI share these. Lone surrogates
+# are refused too: they are not Unicode text, and JSON Schema strings are Unicode text.
+TRIMMED_RANGES = (
+    (0x09, 0x0D),
+    (0x20, 0x20),
+    (0xA0, 0xA0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200A),
+    (0x2028, 0x2029),
+    (0x202F, 0x202F),
+    (0x205F, 0x205F),
+    (0x3000, 0x3000),
+    (0xFEFF, 0xFEFF),
+)
+FORBIDDEN_RANGES = ((0x00, 0x1F), (0x7F, 0x9F))
+# Visible ASCII but quote and backslash, bare or as the draft's structured-field string.
+IDEMPOTENCY_KEY = r'^(?:[!#-\[\]-~]{1,255}|"[!#-\[\]-~]{1,255}")$'
 FIELDS = ("brand", "model", "year")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_TYPES = frozenset({"application/json"})
@@ -64,6 +87,7 @@ class Settings(NamedTuple):
     mysql_user: str
     mysql_password: str
     mysql_database: str
+    mysql_ssl_ca: str | None
     sqlite_path: str
     api_token: str | None
     log_level: str
@@ -100,6 +124,7 @@ def load_settings(environ):
         mysql_user=environ.get("MYSQL_USER", "").strip() or "root",
         mysql_password=environ.get("MYSQL_PASSWORD", ""),
         mysql_database=environ.get("MYSQL_DATABASE", "").strip() or "cars",
+        mysql_ssl_ca=environ.get("MYSQL_SSL_CA", "").strip() or None,
         sqlite_path=environ.get("SQLITE_PATH", "").strip() or "cars.db",
         api_token=api_token(environ),
         log_level=level,
@@ -168,7 +193,8 @@ def configure_logging(level):
 
 # -- Storage -------------------------------------------------------------------------------------
 
-MYSQL_SCHEMA = """
+MYSQL_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS cars (
   id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
   brand VARCHAR(64) NOT NULL,
@@ -179,7 +205,18 @@ CREATE TABLE IF NOT EXISTS cars (
   INDEX cars_model (model),
   INDEX cars_year (year)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
-"""
+""",
+    # Keys are visible ASCII without spaces, so ascii_bin's trailing-space padding never matters.
+    """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  idem_key VARCHAR(255) NOT NULL PRIMARY KEY,
+  fingerprint CHAR(64) NOT NULL,
+  car_id BIGINT UNSIGNED NOT NULL,
+  created_at BIGINT NOT NULL,
+  INDEX idempotency_keys_created (created_at)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin
+""",
+)
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS cars (
@@ -192,34 +229,141 @@ CREATE TABLE IF NOT EXISTS cars (
 CREATE INDEX IF NOT EXISTS cars_brand ON cars (brand);
 CREATE INDEX IF NOT EXISTS cars_model ON cars (model);
 CREATE INDEX IF NOT EXISTS cars_year ON cars (year);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  idem_key TEXT NOT NULL PRIMARY KEY,
+  fingerprint TEXT NOT NULL,
+  car_id INTEGER NOT NULL,
+  created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
 """
 
 
 SELECT_CAR = "SELECT id, brand, model, year, version FROM cars WHERE id = %s"
 SELECT_PAGE = "SELECT id, brand, model, year, version FROM cars WHERE id > %s"
 SELECT_CAR_FOR_UPDATE = SELECT_CAR + " FOR UPDATE"  # SQLite needs none: BEGIN IMMEDIATE locks
+SELECT_KEY = "SELECT fingerprint, car_id, created_at FROM idempotency_keys WHERE idem_key = %s"
+INSERT_KEY = (
+    "INSERT INTO idempotency_keys (idem_key, fingerprint, car_id, created_at)"
+    " VALUES (%s, %s, %s, %s)"
+)
+# SQLite has no DELETE ... LIMIT unless compiled for it; both delete the oldest batch first.
+DELETE_EXPIRED_KEYS = {
+    True: "DELETE FROM idempotency_keys WHERE created_at < %s ORDER BY created_at LIMIT %s",
+    False: "DELETE FROM idempotency_keys WHERE idem_key IN (SELECT idem_key FROM idempotency_keys"
+    " WHERE created_at < %s ORDER BY created_at LIMIT %s)",
+}
+KEY_LIFETIME = 24 * 3600  # seconds an Idempotency-Key is remembered
+KEY_CLEANUP_BATCH = 100  # expired keys each keyed POST deletes: bounded, and more than it adds
+
+# MySQL error numbers by meaning. Anything not named here is a bug or a schema problem: 500.
+MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2055})  # the connection is unusable
+MYSQL_BUSY = frozenset(
+    {
+        1040,  # too many connections
+        1053,  # server shutdown in progress
+        1203,  # too many connections for this user
+        1205,  # lock wait timeout
+        1290,  # --read-only (or another option) forbids the statement
+        1317,  # query interrupted (KILL QUERY)
+        1792,  # read-only transaction
+        1836,  # read-only mode
+        1927,  # connection killed (MariaDB)
+    }
+)
+MYSQL_DEADLOCK = 1213
+MYSQL_DUPLICATE = 1062
+# SQLite reports by message only; these mean "not now", not "never".
+SQLITE_BUSY = ("locked", "readonly database", "unable to open", "disk i/o error", "disk is full")
 
 
 class UnavailableError(Exception):
-    """The database cannot be reached or did not answer in time."""
+    """The database cannot serve the request now; the same request may succeed later."""
+
+
+class LinkLostError(UnavailableError):
+    """The connection broke; timed_out tells a silent database from a closed socket."""
+
+    def __init__(self, message, timed_out):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class DeadlockError(UnavailableError):
+    """The database rolled the transaction back to break a deadlock."""
+
+
+class ConflictError(Exception):
+    """A row with the same unique key exists already."""
+
+
+class StoreError(Exception):
+    """A database error that retrying cannot fix: a bug, or a schema that does not match."""
+
+
+def classify(exc):
+    """Name what a database error means: lost, busy, deadlock, conflict or broken."""
+    if isinstance(exc, sqlite3.Error):
+        message = str(exc).lower()
+        if isinstance(exc, sqlite3.IntegrityError) and "unique" in message:
+            return "conflict"
+        return "busy" if any(words in message for words in SQLITE_BUSY) else "broken"
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if isinstance(exc, pymysql.err.InterfaceError) or code in MYSQL_LINK_LOST:
+        return "lost"
+    if code in MYSQL_BUSY:
+        return "busy"
+    if code == MYSQL_DEADLOCK:
+        return "deadlock"
+    return "conflict" if code == MYSQL_DUPLICATE else "broken"
+
+
+def store_failure(exc):
+    """Return the exception that says what a database error means for the request."""
+    kind, message = classify(exc), str(exc)
+    if kind == "lost":
+        return LinkLostError(message, isinstance(exc.__context__, TimeoutError))
+    error = {
+        "busy": UnavailableError,
+        "deadlock": DeadlockError,
+        "conflict": ConflictError,
+        "broken": StoreError,
+    }[kind]
+    return error(message)
+
+
+def tls_context(ca):
+    """Return the one TLS context of all MySQL connections.
+
+    With a CA (a PEM file's path, or the PEM text itself, as ECS hands a secret over), TLS 1.2 or
+    newer is required and the server's certificate and host name are verified: a wrong CA or name
+    fails the connection. Without one, TLS is used when the server offers it, unverified.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is None:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        return context
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if ca.startswith("-----BEGIN"):
+            context.load_verify_locations(cadata=ca)
+        else:
+            context.load_verify_locations(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        sys.exit(f"cars-api: MYSQL_SSL_CA is not a readable PEM CA certificate: {exc}")
+    return context
 
 
 class Database:
     """Hand each worker thread one reusable connection to MySQL or SQLite."""
 
-    IDLE_CHECK = 30.0  # seconds idle after which a MySQL connection is pinged before use
-
     def __init__(self, settings):
         self.settings = settings
         self.mysql = settings.mysql_host is not None
-        self.errors = (
-            (pymysql.err.OperationalError, pymysql.err.InterfaceError)
-            if self.mysql
-            else (sqlite3.OperationalError,)
-        )
+        self.errors = (pymysql.err.Error,) if self.mysql else (sqlite3.Error,)
         self.local = threading.local()
-        self.schema_ready = False
-        self.schema_lock = threading.Lock()
+        self.schema_ready = False  # no lock: creating the schema twice at once is harmless
+        self.tls = tls_context(settings.mysql_ssl_ca)
 
     def describe(self):
         """Name the store for the start-up log, without credentials."""
@@ -227,6 +371,16 @@ class Database:
         if self.mysql:
             return f"mysql://{s.mysql_user}@{s.mysql_host}:{s.mysql_port}/{s.mysql_database}"
         return f"sqlite:///{os.path.abspath(s.sqlite_path)}"
+
+    def timeouts(self):
+        """Return (lock wait in whole seconds, socket timeout) that fit in DB_TIMEOUT.
+
+        The server's lock waits end at least half a second before the socket gives up, so that
+        a lock wait ends with a clean error on a healthy connection; the socket timeout catches
+        only a database that stopped answering. Below 1.5 s the socket gets the half second extra.
+        """
+        lock_wait = max(1, math.ceil(self.settings.db_timeout) - 1)
+        return lock_wait, max(self.settings.db_timeout, lock_wait + 0.5)
 
     def open(self, database=True):
         """Open a new connection with the timeouts that keep requests bounded."""
@@ -236,8 +390,8 @@ class Database:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
-        wait = max(1, round(s.db_timeout))
-        return pymysql.connect(
+        lock_wait, socket_timeout = self.timeouts()
+        conn = pymysql.connections.Connection(
             host=s.mysql_host,
             port=s.mysql_port,
             user=s.mysql_user,
@@ -246,42 +400,49 @@ class Database:
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=s.db_timeout,
-            read_timeout=s.db_timeout + 2,
-            write_timeout=s.db_timeout + 2,
-            init_command=f"SET SESSION lock_wait_timeout={wait}, innodb_lock_wait_timeout={wait}",
+            read_timeout=socket_timeout,
+            write_timeout=socket_timeout,
+            init_command=(
+                f"SET SESSION lock_wait_timeout={lock_wait}, innodb_lock_wait_timeout={lock_wait}"
+            ),
+            defer_connect=True,
+            **({"ssl": self.tls} if s.mysql_ssl_ca else {"ssl_disabled": True}),
         )
+        if not s.mysql_ssl_ca:
+            # PyMySQL's default (TLS if the server offers it, unverified) builds a new SSL context
+            # per connection, loading the CA store while holding the GIL: 0.3 s under load, which
+            # stalls every thread when an outage makes each request reconnect. Same mode, one
+            # context.
+            conn.ssl, conn.ctx = True, self.tls
+        conn.connect()
+        return conn
 
     def create_schema(self):
-        """Create the database (MySQL) and the table if they do not exist yet."""
-        with self.schema_lock:
-            if self.schema_ready:
-                return
-            if self.mysql:
-                with self.open(database=False) as conn, conn.cursor() as cur:
-                    name = self.settings.mysql_database.replace("`", "``")
-                    cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-                    cur.execute(f"USE `{name}`")
-                    cur.execute(MYSQL_SCHEMA)
-            else:
-                with self.open() as conn:
-                    conn.executescript(SQLITE_SCHEMA)
-                conn.close()
-            self.schema_ready = True
+        """Create the database (MySQL) and the tables if they do not exist yet."""
+        if self.mysql:
+            with self.open(database=False) as conn, conn.cursor() as cur:
+                name = self.settings.mysql_database.replace("`", "``")
+                cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+                cur.execute(f"USE `{name}`")
+                for statement in MYSQL_SCHEMA:
+                    cur.execute(statement)
+        else:
+            with self.open() as conn:
+                conn.executescript(SQLITE_SCHEMA)
+            conn.close()
+        self.schema_ready = True
 
     def connection(self):
-        """Return this thread's connection, opening or reviving it as needed."""
-        conn, last_used = getattr(self.local, "conn", None), getattr(self.local, "used", 0.0)
-        now = time.monotonic()
+        """Return this thread's connection, opening it (and the schema) when there is none."""
+        conn = getattr(self.local, "conn", None)
+        if conn is not None:
+            return conn
         try:
-            if conn is None:
+            if not self.schema_ready:
                 self.create_schema()
-                conn = self.local.conn = self.open()
-            elif self.mysql and now - last_used > self.IDLE_CHECK:
-                conn.ping(reconnect=True)
+            conn = self.local.conn = self.open()
         except self.errors as exc:
-            self.discard()
-            raise UnavailableError(str(exc)) from exc
-        self.local.used = now
+            raise store_failure(exc) from exc
         return conn
 
     def discard(self):
@@ -292,34 +453,76 @@ class Database:
             with suppress(Exception):  # the connection is already broken; closing is best effort
                 conn.close()
 
-    def execute(self, sql, args=()):
-        """Run one parameterised statement on this thread's connection; return the cursor."""
+    def run(self, sql, args):
+        """Run one statement on this thread's connection; translate what a failure means."""
         conn = self.connection()
         cur = conn.cursor()
         try:
             cur.execute(sql if self.mysql else sql.replace("%s", "?"), args)
         except self.errors as exc:
-            self.discard()
-            raise UnavailableError(str(exc)) from exc
+            failure = store_failure(exc)
+            if isinstance(failure, LinkLostError):
+                self.discard()
+            raise failure from exc
         return cur
+
+    def execute(self, sql, args=()):
+        """Run one parameterised statement and return the cursor.
+
+        Outside a transaction, a reused connection found closed (the server restarted, or
+        dropped it while idle) gets one more try on a fresh one; nothing ran, so that is safe.
+        A silent database is not retried: that would double the wait.
+        """
+        reused = getattr(self.local, "conn", None) is not None
+        try:
+            return self.run(sql, args)
+        except LinkLostError as exc:
+            if not reused or exc.timed_out or getattr(self.local, "in_transaction", False):
+                raise
+        return self.run(sql, args)
 
     @contextmanager
     def transaction(self):
-        """Run the enclosed statements atomically: all of them or none."""
+        """Run the enclosed statements atomically: all of them or none, on one connection."""
         self.execute("BEGIN" if self.mysql else "BEGIN IMMEDIATE")
-        conn = self.local.conn
+        conn, self.local.in_transaction = self.local.conn, True
+        committing = False
         try:
             yield
+            committing = True
             conn.commit()
-        except self.errors as exc:
-            self.discard()
-            raise UnavailableError(str(exc)) from exc
-        except BaseException:
-            try:
-                conn.rollback()
-            except Exception:  # a failed rollback leaves a connection we must drop
-                self.discard()
+        except BaseException as exc:
+            failure = store_failure(exc) if isinstance(exc, self.errors) else None
+            if committing or isinstance(failure, LinkLostError):
+                self.discard()  # the server rolls back what a dead or doubtful link left open
+            else:
+                self.rollback(conn)
+            if failure is not None:
+                raise failure from exc
             raise
+        finally:
+            self.local.in_transaction = False
+
+    def rollback(self, conn):
+        """Roll back, or drop a connection that cannot even do that."""
+        if conn is not self.local.conn:
+            return  # already discarded by a statement that lost its link
+        try:
+            conn.rollback()
+        except Exception:  # a failed rollback leaves a connection we must drop
+            self.discard()
+
+    def atomically(self, work):
+        """Return work() run in one transaction, run once more if a deadlock aborted it."""
+        try:
+            with self.transaction():
+                return work()
+        except DeadlockError as exc:
+            log.info(
+                "deadlock; retrying the transaction once", extra={"fields": {"error": str(exc)}}
+            )
+        with self.transaction():
+            return work()
 
 
 def db():
@@ -330,11 +533,6 @@ def db():
 def query(sql, args=()):
     """Run one parameterised SQL statement and return the cursor."""
     return db().execute(sql, args)
-
-
-def transaction():
-    """Group the statements of one write so that it is never half-applied."""
-    return db().transaction()
 
 
 def row_to_car(row):
@@ -352,17 +550,62 @@ def find_car(car_id, lock=False):
     return row_to_car(row)
 
 
+def insert_car(car):
+    """Insert a clean car and return its new id."""
+    sql = "INSERT INTO cars (brand, model, year) VALUES (%s, %s, %s)"
+    return query(sql, (car["brand"], car["model"], car["year"])).lastrowid
+
+
+def create_once(key, fingerprint, car):
+    """Insert the car and its Idempotency-Key together, or return the id the key already made."""
+    now = int(time.time())
+    row = query(SELECT_KEY, (key,)).fetchone()
+    if row is not None and row[2] > now - KEY_LIFETIME:
+        if row[0] != fingerprint:
+            raise problem(422, "This Idempotency-Key was already used with a different body.")
+        return row[1]
+    if row is not None:  # expired, and not yet cleaned up
+        query("DELETE FROM idempotency_keys WHERE idem_key = %s", (key,))
+    car_id = insert_car(car)
+    query(INSERT_KEY, (key, fingerprint, car_id, now))
+    return car_id
+
+
+def forget_expired_keys():
+    """Delete the oldest batch of Idempotency-Keys past their lifetime."""
+    cutoff = int(time.time()) - KEY_LIFETIME
+    query(DELETE_EXPIRED_KEYS[db().mysql], (cutoff, KEY_CLEANUP_BATCH))
+
+
+in_flight_keys = set()  # Idempotency-Keys whose request this process is running
+in_flight_lock = threading.Lock()
+
+
+@contextmanager
+def claim_key(key):
+    """Hold an Idempotency-Key for one request, or raise 409 while another request holds it."""
+    with in_flight_lock:
+        if key in in_flight_keys:
+            raise problem(409, "A request with this Idempotency-Key is still in progress.")
+        in_flight_keys.add(key)
+    try:
+        yield
+    finally:
+        with in_flight_lock:
+            in_flight_keys.discard(key)
+
+
 # -- Validation and responses --------------------------------------------------------------------
 
 
-def header(name):
-    """Return a request header as the WSGI server passed it (one byte per character), or "".
+def header(name, default=""):
+    """Return a request header as the WSGI server passed it (one byte per character).
 
     The one place that reads headers: Bottle's get_header() decodes values as UTF-8 and raises on
     other bytes, so a header a client controls could turn into a 500. Compared with ASCII tokens
     and tags, the raw text matches exactly what it should and nothing else.
     """
-    return request.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+    return request.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
 def problem(status, detail, errors=None, **headers):
@@ -417,22 +660,33 @@ def check_if_match(version):
 
 
 def parse_id(raw):
-    """Return the integer id in a URL, or raise 404 for anything else."""
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not 0 < int(raw) <= MAX_ID:
+    """Return the integer id in a URL, or raise 404 for anything else (one URL per car)."""
+    canonical = raw.isascii() and raw.isdigit() and not raw.startswith("0") and len(raw) <= 19
+    if not canonical or int(raw) > MAX_ID:
         raise problem(404, f"No car with id {raw!r}.")
     return int(raw)
 
 
-def read_json(types):
-    """Return the request body as a JSON object, or raise 400, 413, 415 or 422."""
-    media = request.content_type.split(";")[0].strip().lower()
-    if media not in types:
-        raise problem(415, f"Content-Type must be {' or '.join(sorted(types))}.")
+def read_body(types):
+    """Return the raw body of a JSON request, or raise 413 or 415; parse_json reads it."""
+    media, *params = request.content_type.split(";")
+    charsets = [
+        value.strip().strip('"').lower()
+        for name, _, value in (param.partition("=") for param in params)
+        if name.strip().lower() == "charset"
+    ]
+    if media.strip().lower() not in types or any(c != "utf-8" for c in charsets):
+        raise problem(415, f"Content-Type must be {' or '.join(sorted(types))}, in UTF-8.")
     if request.content_length > MAX_BODY:
         raise problem(413, f"The body is larger than {MAX_BODY} bytes.")
     raw = request.body.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise problem(413, f"The body is larger than {MAX_BODY} bytes.")
+    return raw
+
+
+def parse_json(raw):
+    """Return a body as a JSON object, or raise 400 or 422."""
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:
@@ -442,24 +696,56 @@ def read_json(types):
     return data
 
 
+def idempotency_key():
+    """Return the request's Idempotency-Key, None without one, or raise 400."""
+    raw = header("Idempotency-Key", None)
+    if raw is None:
+        return None
+    if not re.fullmatch(IDEMPOTENCY_KEY, raw):
+        raise problem(400, "Idempotency-Key must be 1 to 255 visible ASCII characters.")
+    return raw.strip('"')
+
+
 def reject_constant(name):
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not a JSON value")
 
 
+def char_class(ranges):
+    """Write code point ranges as the inside of a regex class, valid in Python and ECMA-262."""
+    return "".join(f"\\u{lo:04x}" + (f"-\\u{hi:04x}" if hi > lo else "") for lo, hi in ranges)
+
+
+TRIMMED = "".join(chr(c) for lo, hi in TRIMMED_RANGES for c in range(lo, hi + 1))
+FORBIDDEN = re.compile(f"[{char_class(FORBIDDEN_RANGES)}]")
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def text_pattern():
+    """Return the ECMA-262 pattern of a text field: what clean_text accepts, length aside.
+
+    No counted quantifiers: minLength/maxLength count code points, while a quantifier would
+    count UTF-16 units without the "u" flag. It means the same with and without that flag, and
+    in Python's and Rust's engines, so it names no surrogates.
+    """
+    trimmed, forbidden = char_class(TRIMMED_RANGES), char_class(FORBIDDEN_RANGES)
+    visible, inner = f"[^{trimmed}{forbidden}]", f"[^{forbidden}]"
+    return f"^[{trimmed}]*{visible}(?:{inner}*{visible})?[{trimmed}]*$"
+
+
 def clean_text(value):
-    """Return a trimmed 1-64 character string, or an error message."""
+    """Return a text field trimmed, or an error message; text_pattern() says the same."""
     if not isinstance(value, str):
         return None, "must be a string"
-    value = value.strip()
-    if not 1 <= len(value) <= 64:
-        return None, "must be 1 to 64 characters after trimming spaces"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if not 1 <= len(value) <= TEXT_MAX:
+        return None, f"must be 1 to {TEXT_MAX} characters"
+    value = value.strip(TRIMMED)
+    if not value:
+        return None, "must not be blank"
+    if FORBIDDEN.search(value):
         return None, "must not contain control characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return None, "must be valid Unicode text"
+    if not value.isascii() and SURROGATE.search(value):
+        return None, "must be Unicode text (no lone surrogates)"
     return value, None
 
 
@@ -526,9 +812,11 @@ def list_filters():
     after = number("after", 0, 0, MAX_ID)
     if "year" in values:
         values["year"] = number("year", None, 0, 9999)
-    for name in ("brand", "model"):
-        if name in values and not 1 <= len(values[name]) <= 64:
-            errors.append({"field": name, "message": "must be 1 to 64 characters"})
+    for name in ("brand", "model"):  # normalised exactly like stored values
+        if name in values:
+            values[name], message = clean_text(values[name])
+            if message:
+                errors.append({"field": name, "message": message})
     if errors:
         raise problem(400, "The query string is not valid.", errors)
     return limit, after, values
@@ -617,6 +905,9 @@ def guard(callback):
             raise problem(
                 503, "The database is unavailable; retry shortly.", Retry_After="5"
             ) from None
+        except StoreError as exc:
+            log.error("database error", extra={"fields": {"path": request.path, "cause": str(exc)}})
+            raise problem(500, "An unexpected error occurred.") from None
         except Exception:
             log.exception("unhandled error", extra={"fields": {"path": request.path}})
             raise problem(500, "An unexpected error occurred.") from None
@@ -659,11 +950,20 @@ def list_cars():
 
 @app.post("/cars")
 def create_car():
-    """Add a car."""
-    car = validate(read_json(JSON_TYPES))
-    with transaction():
-        sql = "INSERT INTO cars (brand, model, year) VALUES (%s, %s, %s)"
-        car_id = query(sql, (car["brand"], car["model"], car["year"])).lastrowid
+    """Add a car; with an Idempotency-Key, at most once per key."""
+    raw = read_body(JSON_TYPES)
+    key = idempotency_key()
+    car = validate(parse_json(raw))
+    if key is None:
+        car_id = db().atomically(lambda: insert_car(car))
+    else:
+        fingerprint = hashlib.sha256(raw).hexdigest()
+        with claim_key(key):
+            forget_expired_keys()
+            try:
+                car_id = db().atomically(lambda: create_once(key, fingerprint, car))
+            except ConflictError:  # another process stored the key first
+                raise problem(409, "A request with this Idempotency-Key is in progress.") from None
     return send({"id": car_id, **car}, 201, 1, Location=f"/cars/{car_id}")
 
 
@@ -678,35 +978,42 @@ def get_car(raw_id):
 def replace_car(raw_id):
     """Replace every field of a car."""
     car_id = parse_id(raw_id)
-    return update_car(car_id, validate(read_json(JSON_TYPES), car_id))
+    return update_car(car_id, read_body(JSON_TYPES), partial=False)
 
 
 @app.patch("/cars/<raw_id>")
 def patch_car(raw_id):
     """Change some fields of a car (JSON merge patch)."""
     car_id = parse_id(raw_id)
-    return update_car(car_id, validate(read_json(PATCH_TYPES), car_id, partial=True))
+    return update_car(car_id, read_body(PATCH_TYPES), partial=True)
 
 
-def update_car(car_id, changes):
-    """Apply changes to a car under If-Match and return it with its new ETag."""
-    with transaction():
+def update_car(car_id, raw, partial):
+    """Apply a body already read to a car: If-Match first, then validation (RFC 9110)."""
+
+    def work():
         car, version = find_car(car_id, lock=True)
         check_if_match(version)
-        car.update(changes)
+        car.update(validate(parse_json(raw), car_id, partial))
         sql = "UPDATE cars SET brand = %s, model = %s, year = %s, version = %s WHERE id = %s"
         query(sql, (car["brand"], car["model"], car["year"], version + 1, car_id))
-    return send(car, etag_version=version + 1)
+        return car, version + 1
+
+    car, version = db().atomically(work)
+    return send(car, etag_version=version)
 
 
 @app.delete("/cars/<raw_id>")
 def delete_car(raw_id):
     """Remove a car."""
     car_id = parse_id(raw_id)
-    with transaction():
+
+    def work():
         _, version = find_car(car_id, lock=True)
         check_if_match(version)
         query("DELETE FROM cars WHERE id = %s", (car_id,))
+
+    db().atomically(work)
     response.status = 204
     return ""
 
@@ -719,11 +1026,7 @@ def openapi_document():
 
 def openapi():
     """Build the OpenAPI document; the year bound moves with the calendar."""
-    text = {
-        "type": "string",
-        "minLength": 1,
-        "pattern": r"^\s*[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,62}[^\s\x00-\x1f\x7f])?\s*$",
-    }
+    text = {"type": "string", "minLength": 1, "maxLength": TEXT_MAX, "pattern": text_pattern()}
     last = datetime.datetime.now(datetime.UTC).year + 1
     year = {"type": "integer", "minimum": FIRST_CAR_YEAR, "maximum": last}
     schemas = ("Car", "CarInput", "CarReplace", "CarPatch", "Problem")
@@ -756,11 +1059,19 @@ def openapi():
         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
     }
     if_match = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Makes a retried create safe: the same key and body within 24 h return"
+        " the first 201 again; another body gets 422; while the first runs, 409.",
+        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY},
+    }
     exact = [
         {"name": n, "in": "query", "required": False, "schema": s}
         for n, s in (
-            ("brand", {"type": "string", "minLength": 1, "maxLength": 64}),
-            ("model", {"type": "string", "minLength": 1, "maxLength": 64}),
+            ("brand", text),
+            ("model", text),
             ("year", {"type": "integer", "minimum": 0, "maximum": 9999}),
             ("after", {"type": "integer", "minimum": 0, "maximum": MAX_ID}),
             ("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
@@ -804,14 +1115,15 @@ def openapi():
                 "post": {
                     "summary": "Add a car",
                     "operationId": "createCar",
+                    "parameters": [idempotency_key],
                     "requestBody": json_body(ref["CarInput"], "application/json"),
                     "responses": {
                         "201": answer(
-                            "Created",
+                            "Created, or the first answer to this Idempotency-Key again",
                             ref["Car"],
                             {**tag, "Location": {"schema": {"type": "string"}}},
                         ),
-                        **errors(*writes),
+                        **errors(*writes, 409),
                     },
                 },
             },
@@ -1086,7 +1398,7 @@ def serve(settings):
 
 
 def main():
-    """Read the environment, prepare the database and serve."""
+    """Read the environment and serve."""
     settings = load_settings(os.environ)
     configure_logging(settings.log_level)
     database = configure(settings).config["cars.db"]
@@ -1095,14 +1407,7 @@ def main():
     )
     if settings.api_token is None:
         log.warning("API_TOKEN is not set: anyone who can reach the API can change the catalogue")
-    try:
-        database.create_schema()
-    except database.errors as exc:
-        log.warning(
-            "database not reachable yet; will retry on demand",
-            extra={"fields": {"error": str(exc)}},
-        )
-    serve(settings)
+    serve(settings)  # the schema is created by the first request that needs the database
 
 
 if __name__ == "__main__":

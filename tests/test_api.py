@@ -128,6 +128,19 @@ def test_filters_match_non_ascii_text(testapp):
     assert testapp.get("/cars", {"brand": "Škoda"}, status=200).json == [skoda]
 
 
+@pytest.mark.parametrize("value", ["Ford%20", "%20Ford", "Ford%09", "%E3%80%80Ford%C2%A0"])
+def test_filters_are_trimmed_like_stored_values_on_both_stores(testapp, value):
+    ford = add(testapp, {"brand": "Ford", "model": "Focus", "year": 2015}).json
+    add(testapp)
+    assert testapp.get(f"/cars?brand={value}", status=200).json == [ford]
+
+
+@pytest.mark.parametrize("value", ["%20", "Fo%00rd", "Ford%C2%85", "x" * 65])
+def test_filter_that_no_stored_value_could_equal_is_400(testapp, value):
+    res = testapp.get(f"/cars?brand={value}", status=400)
+    assert error_fields(res) == {"brand"}
+
+
 def test_query_that_is_not_utf8_is_400(testapp):
     assert_problem(testapp.get("/cars?brand=%FF", status=400), 400)
 
@@ -262,6 +275,22 @@ def test_stale_if_match_is_412_and_changes_nothing(testapp, method):
     assert (after.json, after.headers["ETag"]) == (before.json, before.headers["ETag"])
 
 
+@pytest.mark.parametrize("method", ["put", "patch"])
+@pytest.mark.parametrize("body", [b'{"brand": 42}', b"{", b'{"colour": "red"}'])
+def test_stale_if_match_is_412_even_with_an_invalid_body(testapp, method, body):
+    created = add(testapp)
+    car_id, stale = created.json["id"], created.headers["ETag"]
+    testapp.patch_json(f"/cars/{car_id}", {"year": 2001}, status=200)
+    res = getattr(testapp, method)(
+        f"/cars/{car_id}",
+        body,
+        content_type="application/json",
+        headers={"If-Match": stale},
+        status=412,
+    )
+    assert_problem(res, 412)
+
+
 @pytest.mark.parametrize("header", ["current", "*", 'W/"x", current'])
 def test_matching_if_match_lets_the_write_through(testapp, header):
     created = add(testapp)
@@ -288,6 +317,18 @@ def test_unknown_or_malformed_id_is_404(testapp, method, raw_id):
     else:
         res = getattr(testapp, method)(url, status=404)
     assert_problem(res, 404)
+
+
+@pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
+def test_id_with_leading_zeros_is_404_so_each_car_has_one_url(testapp, method):
+    car_id = add(testapp).json["id"]
+    url = f"/cars/00{car_id}"
+    if method in ("put", "patch"):
+        res = getattr(testapp, f"{method}_json")(url, POLO, status=404)
+    else:
+        res = getattr(testapp, method)(url, status=404)
+    assert_problem(res, 404)
+    assert testapp.get(f"/cars/{car_id}").json == {"id": car_id, **GOLF}
 
 
 def test_unknown_path_is_404_problem(testapp):
@@ -317,6 +358,9 @@ def test_wrong_method_is_405_with_allow(testapp, method, url, allowed):
         ({**GOLF, "brand": ""}, {"brand"}),
         ({**GOLF, "brand": "   "}, {"brand"}),
         ({**GOLF, "brand": "x" * 65}, {"brand"}),
+        ({**GOLF, "brand": " " * 10 + "x" * 60}, {"brand"}),
+        ({**GOLF, "brand": "\u0085"}, {"brand"}),
+        ({**GOLF, "brand": "\u001fFord"}, {"brand"}),
         ({**GOLF, "brand": 42}, {"brand"}),
         ({**GOLF, "model": ["Golf"]}, {"model"}),
         ({**GOLF, "model": "Go\u0000lf"}, {"model"}),
@@ -379,10 +423,18 @@ def test_merge_patch_type_is_only_for_patch(testapp):
     testapp.post("/cars", body, content_type="application/merge-patch+json", status=415)
 
 
-def test_json_with_charset_parameter_is_accepted(testapp):
-    testapp.post(
-        "/cars", json.dumps(GOLF), content_type="application/json; charset=utf-8", status=201
-    )
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"utf-8"'])
+def test_json_with_utf8_charset_parameter_is_accepted(testapp, charset):
+    media = f"application/json; charset={charset}"
+    testapp.post("/cars", json.dumps(GOLF), content_type=media, status=201)
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "ISO-8859-1", "utf-16", "utf8", ""])
+def test_json_with_another_charset_is_415_and_writes_nothing(testapp, db, charset):
+    media = f"application/json; charset={charset}"
+    res = testapp.post("/cars", json.dumps(GOLF), content_type=media, status=415)
+    assert_problem(res, 415)
+    assert count(db) == 0
 
 
 def test_body_over_64_kib_is_413(testapp, db):

@@ -1,0 +1,166 @@
+"""A database that accepts TCP and never answers must not stall the real server process.
+
+A gate on 127.0.0.1 stands between cars.py and the real MySQL: while hung it accepts
+connections and never sends a byte; once opened it forwards them to MySQL.
+"""
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pymysql
+import pytest
+from conftest import MYSQL, free_port, mysql_env
+
+DB_TIMEOUT = 1.0
+BOUND = DB_TIMEOUT + 1  # the issue: each request answers within DB_TIMEOUT + 1 s
+
+
+class Gate:
+    """A TCP listener that holds connections silently, or forwards them to MySQL."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.open = threading.Event()
+        self.closing = threading.Event()
+        self.sockets = []
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.1)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.open.is_set():
+                upstream = socket.create_connection((MYSQL["host"], MYSQL["port"]), timeout=5)
+                upstream.settimeout(None)
+                self.sockets.append(upstream)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(source, target):
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):  # the other pump may have closed it first
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.closing.set()
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def gate():
+    """A hung database in front of the real MySQL; closed at the end."""
+    g = Gate()
+    yield g
+    g.close()
+
+
+def call(port, path, method="GET", body=None, timeout=10):
+    """Send one request; return (status, headers, seconds taken)."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"} if body else {}
+        conn.request(method, path, json.dumps(body) if body else None, headers)
+        res = conn.getresponse()
+        res.read()
+        return res.status, dict(res.getheaders()), time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def concurrently(port, requests):
+    """Send (path, method, body) requests at once; return their results in order."""
+    results = [None] * len(requests)
+
+    def one(index, request):
+        results[index] = call(port, *request)
+
+    threads = [threading.Thread(target=one, args=item) for item in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def start(run_server, gate, database, timeout=DB_TIMEOUT):
+    """Start cars.py against the gate; return the server and how long it took to answer."""
+    env = {**mysql_env(database), "MYSQL_PORT": str(gate.port), "DB_TIMEOUT": str(timeout)}
+    started = time.monotonic()
+    server = run_server(env)
+    return server, time.monotonic() - started
+
+
+def test_server_listens_at_once_while_the_database_hangs(run_server, gate, mysql_database):
+    _, took = start(run_server, gate, mysql_database, timeout=5)
+    assert took < 4, f"the first /health answered after {took:.1f} s"
+
+
+def test_each_request_to_a_hung_database_is_503_within_the_bound_concurrently(
+    run_server, gate, mysql_database
+):
+    server, _ = start(run_server, gate, mysql_database)
+    car = {"brand": "Hung", "model": "Gate", "year": 2020}
+    requests = [("/ready", "GET", None)] * 4 + [("/cars", "GET", None), ("/cars", "POST", car)]
+    results = concurrently(server.port, requests)
+    for status, headers, took in results:
+        assert status == 503
+        assert int(headers["Retry-After"]) > 0
+        assert took <= BOUND, f"a request took {took:.2f} s: {results}"
+
+
+def test_service_recovers_within_a_second_of_the_database_answering(
+    run_server, gate, mysql_database
+):
+    server, _ = start(run_server, gate, mysql_database)
+    assert call(server.port, "/ready")[0] == 503
+    gate.open.set()
+    opened = time.monotonic()
+    while (status := call(server.port, "/ready")[0]) != 200:
+        assert time.monotonic() - opened < 1, f"still {status} after the database came back"
+        time.sleep(0.05)
+    car = {"brand": "Back", "model": "Again", "year": 2020}
+    assert call(server.port, "/cars", "POST", car)[0] == 201
+
+
+def test_lock_wait_ends_before_the_socket_timeout_with_a_clean_503(run_server, mysql_database):
+    server = run_server({**mysql_env(mysql_database), "DB_TIMEOUT": "2"})
+    car = {"brand": "Locked", "model": "Row", "year": 2020}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/cars", json.dumps(car), {"Content-Type": "application/json"})
+    car_id = json.loads(conn.getresponse().read())["id"]
+    conn.close()
+    side = pymysql.connect(**MYSQL, database=mysql_database, autocommit=True)
+    try:
+        side.cursor().execute("BEGIN")
+        side.cursor().execute("SELECT id FROM cars WHERE id = %s FOR UPDATE", (car_id,))
+        status, headers, took = call(server.port, f"/cars/{car_id}", "PUT", car)
+    finally:
+        side.close()
+    assert status == 503
+    assert int(headers["Retry-After"]) > 0
+    assert took <= 2 + 1
+    log = server.log()
+    assert "Lock wait timeout exceeded" in log  # the server's answer, not a dead socket
+    assert "Lost connection" not in log
+    assert call(server.port, f"/cars/{car_id}", "PUT", car)[0] == 200
