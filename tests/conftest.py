@@ -1,10 +1,12 @@
 """Shared fixtures: the app over both stores, a throwaway MySQL database, real server processes."""
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -160,3 +162,58 @@ def run_server(tmp_path):
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(timeout=10)
+
+
+class Gate:
+    """A TCP listener that holds connections silently, or forwards them to MySQL."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.open = threading.Event()
+        self.closing = threading.Event()
+        self.sockets = []
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.1)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.open.is_set():
+                upstream = socket.create_connection((MYSQL["host"], MYSQL["port"]), timeout=5)
+                upstream.settimeout(None)
+                self.sockets.append(upstream)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(source, target):
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):  # the other pump may have closed it first
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.closing.set()
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def gate():
+    """A hung database in front of the real MySQL; closed at the end."""
+    g = Gate()
+    yield g
+    g.close()

@@ -4,74 +4,17 @@ A gate on 127.0.0.1 stands between cars.py and the real MySQL: while hung it acc
 connections and never sends a byte; once opened it forwards them to MySQL.
 """
 
-import contextlib
 import http.client
 import json
-import socket
 import threading
 import time
 
 import pymysql
 import pytest
-from conftest import MYSQL, free_port, mysql_env
+from conftest import MYSQL, mysql_env
 
 DB_TIMEOUT = 1.0
 BOUND = DB_TIMEOUT + 1  # the issue: each request answers within DB_TIMEOUT + 1 s
-
-
-class Gate:
-    """A TCP listener that holds connections silently, or forwards them to MySQL."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.open = threading.Event()
-        self.closing = threading.Event()
-        self.sockets = []
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener.settimeout(0.1)
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while not self.closing.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.sockets.append(client)
-            if self.open.is_set():
-                upstream = socket.create_connection((MYSQL["host"], MYSQL["port"]), timeout=5)
-                upstream.settimeout(None)
-                self.sockets.append(upstream)
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def pump(source, target):
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                with contextlib.suppress(OSError):  # the other pump may have closed it first
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self):
-        self.closing.set()
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
-
-
-@pytest.fixture
-def gate():
-    """A hung database in front of the real MySQL; closed at the end."""
-    g = Gate()
-    yield g
-    g.close()
 
 
 def call(port, path, method="GET", body=None, timeout=10):

@@ -56,34 +56,6 @@ def proc_status(pid, key):
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith(key + ":")))
 
 
-class SilentDatabase:
-    """A TCP listener on 127.0.0.1 that accepts connections and never says a word."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.port = self.sock.getsockname()[1]
-        self.held = []
-        self.thread = threading.Thread(target=self.accept, daemon=True)
-        self.thread.start()
-
-    def accept(self):
-        with contextlib.suppress(OSError):  # closed at the end of the test
-            while True:
-                self.held.append(self.sock.accept()[0])
-
-    def close(self):
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
-
-@pytest.fixture
-def silent_database():
-    database = SilentDatabase()
-    yield database
-    database.close()
-
-
 def probe_health(port, count, pause=0.05):
     """Call /health `count` times; return the durations of the answers (all must be 200)."""
     durations = []
@@ -98,11 +70,9 @@ def probe_health(port, count, pause=0.05):
 # -- The database cannot stall the process ----------------------------------------------------
 
 
-def test_health_answers_at_once_while_every_worker_waits_for_a_silent_database(
-    run_server, silent_database
-):
+def test_health_answers_at_once_while_every_worker_waits_for_a_silent_database(run_server, gate):
     server = run_server(
-        {"MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(silent_database.port), "THREADS": "4"}
+        {"MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(gate.port), "THREADS": "4"}
     )
     results = []
 
