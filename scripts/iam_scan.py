@@ -1,6 +1,7 @@
 """Render the deploy role's policy from ci-access.yaml with placeholder values and scan it offline.
 
-usage: python scripts/iam_scan.py <cloudsplaining executable> [--print]
+usage: python scripts/iam_scan.py <cloudsplaining executable> [template]
+       python scripts/iam_scan.py --print
 
 cloudsplaining flags privilege escalation, resource exposure, data exfiltration and
 infrastructure modification where a resource is unconstrained. It always exits 0, so this script
@@ -135,21 +136,21 @@ class Renderer:
         return {k: v for k, v in rendered.items() if v is not NO_VALUE}
 
 
-def deploy_policy():
+def deploy_policy(path=TEMPLATE):
     """Return the deploy role's inline policy document, rendered."""
-    template, matches = decode(str(TEMPLATE))
+    template, matches = decode(str(path))
     if matches:
-        raise SystemExit(f"{TEMPLATE.name} does not parse: {matches}")
+        raise SystemExit(f"{path.name} does not parse: {matches}")
     (policy,) = template["Resources"]["DeployRole"]["Properties"]["Policies"]
     return Renderer(template).render(policy["PolicyDocument"])
 
 
 def main(argv):
     """Scan the rendered policy; exit 1 on any finding or failure."""
-    if len(argv) != 2:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("\n".join(__doc__.strip().splitlines()[2:4]), file=sys.stderr)
         return 2
-    document = json.dumps(deploy_policy(), indent=2)
+    document = json.dumps(deploy_policy(*map(Path, argv[2:])), indent=2)
     if argv[1] == "--print":
         print(document)
         return 0

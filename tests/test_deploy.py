@@ -9,6 +9,7 @@ test_verify.py's recorded responses.
 
 import json
 import os
+import pty
 import re
 import subprocess
 import time
@@ -264,13 +265,35 @@ def test_stack_deploy_refuses_a_repository_from_origin_without_a_terminal(aws_en
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     upstream = "https://github.com/upstream/cars-api.git"
     subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", upstream], check=True)
-    env = {**aws_env, "GIT_DIR": str(tmp_path / ".git"), "GITHUB_REPOSITORY_ID": "1"}
+    env = {**aws_env, "GIT_DIR": str(tmp_path / ".git")}
     env.pop("GITHUB_REPOSITORY", None)
     result = make("stack-deploy", env, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     line = error_line(result)
     assert "origin says 'upstream/cars-api'" in line
     assert "only a person at a terminal may confirm" in line
+
+
+def test_stack_deploy_deploys_nothing_unless_a_person_confirms_the_origin_repository(
+    aws_env, moto_url, tmp_path
+):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    upstream = "https://github.com/upstream/cars-api.git"
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", upstream], check=True)
+    env = {**aws_env, "GIT_DIR": str(tmp_path / ".git"), "AWS_REGION": "ap-southeast-2"}
+    env.pop("GITHUB_REPOSITORY", None)
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"no\n")  # the person at the terminal does not confirm
+        result = make("stack-deploy", env, stdin=terminal)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode != 0
+    assert "will trust GitHub repository upstream/cars-api (from origin)" in result.stderr
+    assert "not confirmed: nothing was deployed" in error_line(result)
+    cfn = client("cloudformation", moto_url, region="ap-southeast-2")
+    assert not stack_exists(cfn, "cars-api-base")
 
 
 @pytest.mark.parametrize(

@@ -751,6 +751,25 @@ def test_iam_scanner_renders_the_deploy_role_with_placeholders(capsys):
 WAF_RESOURCES = {"WebAcl", "WebAclAssociation", "WafLogGroup", "WafLogging"}
 
 
+CLOUDSPLAINING = TEMPLATES.parent / ".venv" / "cloudsplaining" / "bin" / "cloudsplaining"
+
+
+def test_iam_analyser_passes_the_deploy_role_and_fails_an_unscoped_iam_write(tmp_path, capsys):
+    assert CLOUDSPLAINING.exists(), "make lint installs cloudsplaining into .venv/cloudsplaining"
+    assert iam_scan.main(["iam_scan.py", str(CLOUDSPLAINING)]) == 0
+    text = (TEMPLATES / "ci-access.yaml").read_text()
+    anchor = "              - Sid: PassTheTaskRolesToEcsTasks\n"
+    assert anchor in text
+    minting = "              - {Effect: Allow, Action: iam:CreateRole, Resource: '*'}\n"
+    worse = tmp_path / "ci-access.yaml"
+    worse.write_text(text.replace(anchor, minting + anchor))
+    capsys.readouterr()
+    assert iam_scan.main(["iam_scan.py", str(CLOUDSPLAINING), str(worse)]) == 1
+    report = capsys.readouterr().err
+    assert "iam:CreateRole" in report
+    assert "Privilege Escalation" in report or "Resource Exposure" in report
+
+
 def waf_rules(base):
     return {r["Name"]: r for r in rendered(base)["WebAcl"]["Properties"]["Rules"]}
 
