@@ -291,7 +291,7 @@ def test_stack_deploy_deploys_nothing_unless_a_person_confirms_the_origin_reposi
         os.close(controller)
     assert result.returncode != 0
     assert "will trust GitHub repository upstream/cars-api (from origin)" in result.stderr
-    assert "not confirmed: nothing was deployed" in error_line(result)
+    assert "error: not confirmed: nothing was deployed" in result.stderr
     cfn = client("cloudformation", moto_url, region="ap-southeast-2")
     assert not stack_exists(cfn, "cars-api-base")
 
