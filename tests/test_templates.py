@@ -837,8 +837,8 @@ def test_waf_logs_without_the_bearer_token(base):
     logging = resources["WafLogging"]["Properties"]
     assert logging["ResourceArn"] == "arn:aws:wafv2:eu-west-1:123456789012:webacl-placeholder"
     assert logging["LogDestinationConfigs"] == [
-        "arn:aws:logs:eu-west-1:123456789012:wafloggroup-placeholder"
-    ]
+        "arn:aws:logs:eu-west-1:123456789012:log-group:wafloggroup-placeholder"
+    ], "the ARN without GetAtt's trailing :*"
     assert logging["RedactedFields"] == [{"SingleHeader": {"Name": "authorization"}}]
     group = resources["WafLogGroup"]["Properties"]
     assert group["LogGroupName"].startswith("aws-waf-logs-")
