@@ -19,6 +19,7 @@ AWS_REGION ?= eu-west-1
 STACK_PREFIX ?= cars-api
 BASE_STACK ?= $(STACK_PREFIX)-base
 SERVICE_STACK ?= $(STACK_PREFIX)-service
+CI_STACK ?= $(STACK_PREFIX)-ci-access
 GITHUB_REPOSITORY ?=
 REVIEWERS ?=
 IMAGE_ARCHIVE ?=
@@ -27,7 +28,7 @@ ALLOW_VULNERABLE ?=
 DEPLOY_FREEZE ?=
 
 # The scripts read their settings from the environment, never from their arguments.
-export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK GITHUB_REPOSITORY
+export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK CI_STACK GITHUB_REPOSITORY
 export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE
 
 RUNTIME := $(VENV)/.runtime-installed
@@ -51,10 +52,12 @@ $(RUNTIME): requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(DEV): $(RUNTIME) tests/requirements.txt tests/requirements-checkov.txt
+$(DEV): $(RUNTIME) tests/requirements.txt tests/requirements-checkov.txt tests/requirements-cloudsplaining.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-checkov.txt
+	$(PYTHON) -m venv $(VENV)/cloudsplaining
+	$(VENV)/cloudsplaining/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-cloudsplaining.txt
 	touch $@
 
 .PHONY: run
@@ -76,6 +79,7 @@ lint: $(DEV) ## Run every linter and scanner; each must report zero findings.
 	$(VENV)/bin/zizmor --offline .github/workflows
 	$(VENV)/bin/cfn-lint --include-checks I -- cloudformation/*.yaml
 	$(VENV)/checkov/bin/checkov --quiet --compact --skip-download --framework cloudformation --directory cloudformation
+	$(VENV)/bin/python scripts/iam_scan.py $(VENV)/cloudsplaining/bin/cloudsplaining
 	$(VENV)/bin/bandit --quiet --recursive cars.py scripts
 	$(VENV)/bin/detect-secrets-hook $$(git ls-files)
 
@@ -121,7 +125,7 @@ down: ## Stop the compose services (the database volume is kept).
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 
 .PHONY: stack-deploy
-stack-deploy: ## Create or update the long-lived stacks; prints the repository URI and service URL.
+stack-deploy: ## Create or update the base then the CI access stack; prints their outputs.
 	scripts/stack-deploy.sh
 
 .PHONY: release

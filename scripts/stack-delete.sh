@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# stack-delete.sh: delete the service stack, then the base stack, after confirmation; say what survives.
+# stack-delete.sh: delete the service, CI access and base stacks, after confirmation; say what survives.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+CI_STACK=${CI_STACK:-cars-api-ci-access}
 
 usage() {
   cat >&2 <<'USAGE'
 usage: make stack-delete [CONFIRM=<stack name>] [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
-Deletes the service stack, then the base stack, after you type the base stack's name (or the
-service stack's, when only it exists); CONFIRM=<that name> answers without a prompt.
+                         [CI_STACK=...]
+Deletes the service stack, the CI access stack (deploy role), then the base stack, after you type
+the base stack's name (or the service stack's, when only it exists); CONFIRM=<that name> answers
+without a prompt.
 The database has deletion protection: turn it off first (the command is printed).
 What survives the deletion: the final database snapshot, the ECR repository with its images and the
 two Secrets Manager secrets (database credentials, API token); each is printed with how to remove it.
@@ -70,20 +73,30 @@ main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
   require_tools aws python3
   require_credentials
-  local service=false base=false
+  local service=false ci=false base=false
   describe_stack "$SERVICE_STACK" "$WORK/service-stack.json" && service=true
+  describe_stack "$CI_STACK" "$WORK/ci-stack.json" && ci=true
   describe_stack "$BASE_STACK" "$WORK/base.json" && base=true
-  $service || $base || die "nothing to delete: neither $SERVICE_STACK nor $BASE_STACK exists in $AWS_REGION"
+  $service || $ci || $base \
+    || die "nothing to delete: neither $SERVICE_STACK nor $BASE_STACK exists in $AWS_REGION"
   if $base; then check_database; fi
   say "This deletes, in $AWS_REGION:"
   if $service; then say "  - stack $SERVICE_STACK: the ECS service (the API stops answering), its tasks and alarms"; fi
+  if $ci; then say "  - stack $CI_STACK: the GitHub Actions deploy role (and the OIDC provider if it made it)"; fi
   if $base; then
     say "  - stack $BASE_STACK: network, load balancer, cluster, log group (the logs are lost)," \
-      "database (after a final snapshot), alarm topic and deploy role"
+      "database (after a final snapshot), alarm topic, firewall and task roles"
     survivors
   fi
-  if $base; then confirm "$BASE_STACK"; else confirm "$SERVICE_STACK"; fi
+  if $base; then
+    confirm "$BASE_STACK"
+  elif $service; then
+    confirm "$SERVICE_STACK"
+  else
+    confirm "$CI_STACK"
+  fi
   if $service; then delete_stack "$SERVICE_STACK"; fi
+  if $ci; then delete_stack "$CI_STACK"; fi
   if $base; then delete_stack "$BASE_STACK"; fi
   say "Done. A later make stack-deploy creates a new, empty database; delete the ECR repository" \
     "above first, or give it REPOSITORY_NAME=<another name>, since the name is still taken."

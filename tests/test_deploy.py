@@ -9,11 +9,13 @@ test_verify.py's recorded responses.
 
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import boto3
 import pytest
@@ -26,6 +28,12 @@ REGION = "eu-west-1"
 MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
 SHA_A = "aaaa1111aaaa1111aaaa1111aaaa1111aaaa1111"
 SHA_B = "bbbb2222bbbb2222bbbb2222bbbb2222bbbb2222"
+# The repository the deploy role trusts, by name and by GitHub's numeric ids.
+GITHUB = {
+    "GITHUB_REPOSITORY": "acme/cars-api",
+    "GITHUB_REPOSITORY_ID": "4242",
+    "GITHUB_OWNER_ID": "42",
+}
 # A stack with the outputs the scripts read from the base stack (the Infrastructure contract).
 STUB = {
     "Resources": {
@@ -137,7 +145,7 @@ def stack_exists(cfn, name):
 @pytest.fixture(scope="module")
 def base_stack(aws_env):
     """`make stack-deploy` once, with the real base.yaml, as a first-time user runs it."""
-    return make("stack-deploy", aws_env, GITHUB_REPOSITORY="acme/cars-api")
+    return make("stack-deploy", aws_env, **GITHUB)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +248,7 @@ def test_missing_base_stack_says_to_run_stack_deploy(aws_env):
 
 
 def test_stack_deploy_refuses_a_malformed_github_repository(aws_env):
-    result = make("stack-deploy", aws_env, GITHUB_REPOSITORY="not a repo")
+    result = make("stack-deploy", aws_env, **{**GITHUB, "GITHUB_REPOSITORY": "not a repo"})
     assert result.returncode == 2
     assert "GITHUB_REPOSITORY 'not a repo' is not owner/name" in error_line(result)
 
@@ -255,6 +263,66 @@ def test_stack_deploy_without_repository_or_github_remote_prints_usage(aws_env, 
     assert "usage: make stack-deploy" in result.stderr
 
 
+def test_stack_deploy_refuses_a_repository_from_origin_without_a_terminal(aws_env, tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    upstream = "https://github.com/upstream/cars-api.git"
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", upstream], check=True)
+    env = {**aws_env, "GIT_DIR": str(tmp_path / ".git")}
+    env.pop("GITHUB_REPOSITORY", None)
+    result = make("stack-deploy", env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "origin says 'upstream/cars-api'" in line
+    assert "only a person at a terminal may confirm" in line
+
+
+def test_stack_deploy_deploys_nothing_unless_a_person_confirms_the_origin_repository(
+    aws_env, moto_url, tmp_path
+):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    upstream = "https://github.com/upstream/cars-api.git"
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", upstream], check=True)
+    env = {**aws_env, "GIT_DIR": str(tmp_path / ".git"), "AWS_REGION": "ap-southeast-2"}
+    env.pop("GITHUB_REPOSITORY", None)
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"no\n")  # the person at the terminal does not confirm
+        result = make("stack-deploy", env, stdin=terminal)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode != 0
+    assert "will trust GitHub repository upstream/cars-api (from origin)" in result.stderr
+    assert "error: not confirmed: nothing was deployed" in result.stderr
+    cfn = client("cloudformation", moto_url, region="ap-southeast-2")
+    assert not stack_exists(cfn, "cars-api-base")
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        {"GITHUB_REPOSITORY_ID": "acme", "GITHUB_OWNER_ID": "42"},
+        {"GITHUB_REPOSITORY_ID": "4242", "GITHUB_OWNER_ID": ""},
+        {"GITHUB_REPOSITORY_ID": "4242", "GITHUB_OWNER_ID": "42; touch pwned"},
+    ],
+)
+def test_stack_deploy_refuses_ids_that_are_not_numeric(aws_env, ids):
+    env = {**aws_env, "PATH": "/usr/bin:/bin"}  # no aws CLI: refused before any AWS call
+    result = make("stack-deploy", env, GITHUB_REPOSITORY="acme/cars-api", **ids)
+    assert result.returncode == 2
+    assert "must both be numeric ids" in error_line(result)
+
+
+def test_stack_deploy_without_ids_or_gh_says_how_to_give_them(aws_env, tmp_path):
+    env = {**aws_env, "PATH": str(tmp_path)}  # neither gh nor aws
+    env["PATH"] += ":" + ":".join(d for d in ("/usr/bin", "/bin") if not (Path(d) / "gh").exists())
+    result = make("stack-deploy", env, GITHUB_REPOSITORY="acme/cars-api")
+    assert result.returncode == 2
+    assert "set GITHUB_REPOSITORY_ID and GITHUB_OWNER_ID, or install the gh CLI" in error_line(
+        result
+    )
+
+
 # End to end on moto
 
 
@@ -265,8 +333,9 @@ def test_stack_deploy_creates_the_base_stack_resources(base_stack, moto_url):
     stack = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE"
     parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
-    assert parameters["GitHubRepository"] == "acme/cars-api"
-    assert parameters["ServiceStackName"] == "cars-api-service"
+    assert parameters["AllowPlaintextWrites"] == "false"
+    assert parameters["WebApplicationFirewall"] == "true"
+    assert "WARNING" not in base_stack.stderr
     resources = {
         r["LogicalResourceId"]: r["PhysicalResourceId"]
         for r in cfn.list_stack_resources(StackName="cars-api-base")["StackResourceSummaries"]
@@ -293,10 +362,52 @@ def test_stack_deploy_creates_the_base_stack_resources(base_stack, moto_url):
         LoadBalancerArns=[resources["LoadBalancer"]]
     )
     assert balancers["LoadBalancers"][0]["Scheme"] == "internet-facing"
-    role = client("iam", moto_url).get_role(RoleName=resources["DeployRole"].split("/")[-1])
+    # The deploy role is in the CI access stack, deployed second, naming the base resources.
+    ci = cfn.describe_stacks(StackName="cars-api-ci-access")["Stacks"][0]
+    assert ci["StackStatus"] == "CREATE_COMPLETE"
+    ci_parameters = {p["ParameterKey"]: p["ParameterValue"] for p in ci["Parameters"]}
+    assert ci_parameters["GitHubRepository"] == "acme/cars-api"
+    assert ci_parameters["ServiceStackName"] == "cars-api-service"
+    assert ci_parameters["GitHubRepositoryId"] == "4242"
+    assert ci_parameters["GitHubOwnerId"] == "42"
+    assert ci_parameters["RepositoryName"] == resources["Repository"]
+    assert ci_parameters["ExecutionRoleName"] == resources["ExecutionRole"]
+    assert ci_parameters["TaskRoleName"] == resources["TaskRole"]
+    # (moto prints a list parameter in its own way, so look for both ids in it)
+    for subnet in ("PublicSubnetA", "PublicSubnetB"):
+        assert resources[subnet] in ci_parameters["TaskSubnets"]
+    assert resources["PrivateSubnetA"] not in ci_parameters["TaskSubnets"]
+    assert ci_parameters["TaskPublicIp"] == "true"
+    ci_resources = {
+        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        for r in cfn.list_stack_resources(StackName="cars-api-ci-access")["StackResourceSummaries"]
+    }
+    role = client("iam", moto_url).get_role(RoleName=ci_resources["DeployRole"].split("/")[-1])
     trust = json.dumps(role["Role"]["AssumeRolePolicyDocument"])
-    assert "repo:acme/cars-api:environment:production" in trust
-    assert "refs/heads" not in trust
+    for workflow in ("ci.yml", "rollback.yml"):
+        subject = (
+            "repository_owner_id:42:repository_id:4242:environment:production:ref:refs/heads/main"
+            f":job_workflow_ref:acme/cars-api/.github/workflows/{workflow}@refs/heads/main"
+        )
+        assert subject in trust
+    assert "repo:acme/cars-api" not in trust, "names alone are trusted no more"
+    linked = client("iam", moto_url).list_roles(
+        PathPrefix="/aws-service-role/ecs.application-autoscaling.amazonaws.com/"
+    )["Roles"]
+    assert len(linked) == 1, "the deploy role may not create it, so stack-deploy does"
+
+
+def test_stack_deploy_warns_when_plaintext_writes_are_on(aws_env, moto_url):
+    env = {**aws_env, "AWS_REGION": "us-east-2", "BASE_STACK": "demo-base"}
+    result = make("stack-deploy", env, ALLOW_PLAINTEXT_WRITES="true", **GITHUB)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: AllowPlaintextWrites is on" in result.stderr
+    assert "clear text" in result.stderr
+    stack = client("cloudformation", moto_url, region="us-east-2").describe_stacks(
+        StackName="demo-base"
+    )["Stacks"][0]
+    parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+    assert parameters["AllowPlaintextWrites"] == "true"
 
 
 def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
@@ -304,7 +415,7 @@ def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
     cfn = client("cloudformation", moto_url)
     before = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
     resources = cfn.list_stack_resources(StackName="cars-api-base")["StackResourceSummaries"]
-    again = make("stack-deploy", aws_env, GITHUB_REPOSITORY="acme/cars-api")
+    again = make("stack-deploy", aws_env, **GITHUB)
     assert again.returncode == 0, again.stderr
     assert "No changes to deploy" in again.stdout
     after = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
@@ -313,6 +424,8 @@ def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
     assert (
         cfn.list_stack_resources(StackName="cars-api-base")["StackResourceSummaries"] == resources
     )
+    ci = cfn.describe_stacks(StackName="cars-api-ci-access")["Stacks"][0]
+    assert ci.get("LastUpdatedTime") is None, "the CI access stack is unchanged too"
 
 
 def test_rollback_on_the_real_base_stack_changes_nothing_when_it_cannot_proceed(
@@ -383,13 +496,25 @@ def test_stack_delete_with_confirmation_deletes_and_says_what_survives(aws_env, 
     assert "nothing to delete: neither cars-api-service nor doomed exists" in error_line(nothing)
 
 
-def test_every_stack_deploy_setting_names_a_base_stack_parameter():
+def test_every_stack_deploy_setting_names_a_parameter_of_its_stack():
     script = (ROOT / "scripts" / "stack-deploy.sh").read_text()
-    passed = set(re.findall(r"\b([A-Z][A-Za-z]+)=[A-Z_]+\b", script))
-    passed |= set(re.findall(r'echo "([A-Z][A-Za-z]+)=\$', script))
-    template, _ = decode(str(ROOT / "cloudformation" / "base.yaml"))
-    assert passed
-    assert passed <= set(template["Parameters"]), passed - set(template["Parameters"])
+
+    def passed_in(function):
+        body = script[script.index(f"{function}() {{") :]
+        body = body[: body.index("\n}\n")]
+        found = set(re.findall(r"\b([A-Z][A-Za-z]+)=[A-Z_]+\b", body))
+        return found | set(re.findall(r'echo "([A-Z][A-Za-z0-9]+)=\$', body))
+
+    for functions, name in (
+        (("base_parameters", "s3_prefix_list"), "base.yaml"),
+        (("ci_parameters",), "ci-access.yaml"),
+    ):
+        passed = set().union(*(passed_in(f) for f in functions))
+        template, _ = decode(str(ROOT / "cloudformation" / name))
+        assert passed, name
+        assert passed <= set(template["Parameters"]), passed - set(template["Parameters"])
+    assert "S3PrefixListId" in passed_in("s3_prefix_list")
+    assert {"GitHubRepositoryId", "GitHubOwnerId", "TaskSubnets"} <= passed_in("ci_parameters")
 
 
 # The release's checks against moto's ECR API (a stand-in engine: no registry to push to here)

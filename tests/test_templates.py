@@ -1,5 +1,6 @@
 """Policy tests over the parsed CloudFormation templates: each test pins one rule of the design."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -7,7 +8,14 @@ from pathlib import Path
 import pytest
 from cfnlint.decode import decode
 
+import cars
+
 TEMPLATES = Path(__file__).resolve().parent.parent / "cloudformation"
+_SPEC = importlib.util.spec_from_file_location(
+    "iam_scan", TEMPLATES.parent / "scripts" / "iam_scan.py"
+)
+iam_scan = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(iam_scan)
 SECRET_VARIABLES = {"MYSQL_USER", "MYSQL_PASSWORD", "API_TOKEN"}
 STATEFUL_TYPES = {
     "AWS::ECR::Repository",
@@ -40,7 +48,10 @@ BASE_OUTPUTS = {
     "DatabaseName",
     "DatabaseInstanceId",
     "AlarmTopicArn",
-    "DeployRoleArn",
+    "ExecutionRoleArn",
+    "TaskRoleArn",
+    "TaskSubnets",
+    "TaskAssignPublicIp",
 }
 SERVICE_OUTPUTS = {"ServiceName", "ServiceArn", "TaskDefinitionArn", "ImageUri"}
 
@@ -61,9 +72,19 @@ def service():
     return load("service.yaml")
 
 
-@pytest.fixture(params=["base.yaml", "service.yaml"], scope="module")
+@pytest.fixture(scope="module")
+def ci():
+    return load("ci-access.yaml")
+
+
+@pytest.fixture(params=["base.yaml", "ci-access.yaml", "service.yaml"], scope="module")
 def template(request):
     return load(request.param)
+
+
+def rendered(template, **parameters):
+    """The resources a stack of template creates with these (else default) parameters."""
+    return iam_scan.Renderer(template, **parameters).resources()
 
 
 def imported(output):
@@ -171,7 +192,9 @@ def test_wildcard_resources_are_limited_to_actions_without_resource_level_permis
             ), f"{action} on '*'"
 
 
-def test_every_alarm_notifies_the_alarm_topic(template):
+@pytest.mark.parametrize("name", ["base.yaml", "service.yaml"])
+def test_every_alarm_notifies_the_alarm_topic(name):
+    template = load(name)
     alarms = resources_of(template, "AWS::CloudWatch::Alarm")
     assert alarms
     topic = {"Ref": "AlarmTopic"} if "AlarmTopic" in template["Resources"] else None
@@ -188,16 +211,30 @@ def test_base_exports_every_output_of_the_contract(base):
     assert set(base["Outputs"]) >= BASE_OUTPUTS
 
 
+def test_ci_access_exports_the_deploy_role_and_takes_who_may_release(ci):
+    assert set(ci["Outputs"]) == {"DeployRoleArn"}
+    parameters = ci["Parameters"]
+    assert parameters["CreateGitHubOidcProvider"]["Default"] == "true"
+    assert parameters["ServiceStackName"]["Default"] == "cars-api-service"
+    for name in ("GitHubRepository", "GitHubRepositoryId", "GitHubOwnerId"):
+        assert "Default" not in parameters[name], name
+    for name in ("GitHubRepositoryId", "GitHubOwnerId"):
+        assert re.fullmatch(parameters[name]["AllowedPattern"], "123456")
+        assert not re.fullmatch(parameters[name]["AllowedPattern"], "acme")
+
+
 def test_base_parameters_have_the_contract_defaults(base):
     parameters = base["Parameters"]
-    assert "Default" not in parameters["GitHubRepository"]
     expected = {
-        "CreateGitHubOidcProvider": "true",
         "CertificateArn": "",
         "DatabaseMultiAz": "false",
         "DatabaseInstanceClass": "db.t4g.micro",
         "LogRetentionDays": 30,
         "AlarmEmail": "",
+        "AllowPlaintextWrites": "false",
+        "WebApplicationFirewall": "true",
+        "TaskSubnetType": "public",
+        "EnhancedImageScanning": "false",
     }
     for name, default in expected.items():
         assert parameters[name]["Default"] == default, name
@@ -337,51 +374,146 @@ def test_target_group_checks_health_and_drains_quickly(base):
     assert int(delay) <= 30
 
 
-def test_http_redirects_to_https_when_a_certificate_is_given(base):
-    condition, with_certificate, without = base["Resources"]["HttpListener"]["Properties"][
-        "DefaultActions"
-    ]["Fn::If"]
-    assert condition == "HasCertificate"
-    assert with_certificate[0]["Type"] == "redirect"
-    assert with_certificate[0]["RedirectConfig"]["Protocol"] == "HTTPS"
-    assert without == [{"Type": "forward", "TargetGroupArn": {"Ref": "TargetGroup"}}]
-    https = base["Resources"]["HttpsListener"]
-    assert https["Condition"] == "HasCertificate"
-    assert https["Properties"]["SslPolicy"].startswith("ELBSecurityPolicy-TLS13-1-2")
+# ------------------------------------------------------------------ entry point (issue 10 item 1)
+
+CERTIFICATE = "arn:aws:acm:eu-west-1:123456789012:certificate/0a1b2c3d-0000-4000-8000-000000000000"
 
 
-def test_deploy_role_trusts_only_the_production_environment(base):
-    trust = base["Resources"]["DeployRole"]["Properties"]["AssumeRolePolicyDocument"]
+def test_plain_http_serves_reads_only_and_refuses_writes_by_default(base):
+    resources = rendered(base)
+    assert "HttpsListener" not in resources
+    (action,) = resources["HttpListener"]["Properties"]["DefaultActions"]
+    assert action["Type"] == "fixed-response"
+    refusal = action["FixedResponseConfig"]
+    assert refusal["StatusCode"] == "403"
+    assert refusal["ContentType"] == "application/json"
+    assert "TLS" in json.loads(refusal["MessageBody"])["detail"]
+    rule = resources["PlaintextReadsRule"]["Properties"]
+    assert rule["ListenerArn"] == "httplistener-placeholder"
+    (condition,) = rule["Conditions"]
+    assert condition["Field"] == "http-request-method"
+    assert sorted(condition["HttpRequestMethodConfig"]["Values"]) == ["GET", "HEAD"]
+    assert rule["Actions"] == [{"Type": "forward", "TargetGroupArn": "targetgroup-placeholder"}]
+
+
+def test_plain_http_writes_need_the_explicit_opt_in(base):
+    resources = rendered(base, AllowPlaintextWrites="true")
+    assert "PlaintextReadsRule" not in resources
+    assert resources["HttpListener"]["Properties"]["DefaultActions"] == [
+        {"Type": "forward", "TargetGroupArn": "targetgroup-placeholder"}
+    ]
+    with_certificate = rendered(
+        base, AllowPlaintextWrites="true", CertificateArn=CERTIFICATE, DomainName="api.example.com"
+    )
+    (action,) = with_certificate["HttpListener"]["Properties"]["DefaultActions"]
+    assert action["Type"] == "redirect", "a certificate always wins over plain HTTP"
+
+
+def test_with_a_certificate_http_redirects_to_the_domain_name(base):
+    resources = rendered(base, CertificateArn=CERTIFICATE, DomainName="api.example.com")
+    assert "PlaintextReadsRule" not in resources
+    (action,) = resources["HttpListener"]["Properties"]["DefaultActions"]
+    assert action["Type"] == "redirect"
+    redirect = action["RedirectConfig"]
+    assert redirect["Protocol"] == "HTTPS"
+    assert redirect["Host"] == "api.example.com", "never the client's Host header"
+    assert redirect["StatusCode"] == "HTTP_301"
+
+
+def test_https_is_gcm_only_hardened_and_serves_only_the_domain_name(base):
+    resources = rendered(base, CertificateArn=CERTIFICATE, DomainName="api.example.com")
+    https = resources["HttpsListener"]["Properties"]
+    # TLS13-1-2-Res: TLS 1.3/1.2, ECDHE key exchange and AES-GCM only (no CBC, no RSA kex).
+    assert https["SslPolicy"] == "ELBSecurityPolicy-TLS13-1-2-Res-2021-06"
+    attributes = {a["Key"]: a["Value"] for a in https["ListenerAttributes"]}
+    hsts = attributes["routing.http.response.strict_transport_security.header_value"]
+    assert int(re.fullmatch(r"max-age=(\d+).*", hsts).group(1)) >= 31536000
+    assert attributes["routing.http.response.x_content_type_options.header_value"] == "nosniff"
+    assert attributes["routing.http.response.server.enabled"] == "false"
+    (default,) = https["DefaultActions"]
+    assert default["Type"] == "fixed-response"
+    assert default["FixedResponseConfig"]["StatusCode"] == "404"
+    rules = [
+        r["Properties"]
+        for r in resources.values()
+        if r["Type"] == "AWS::ElasticLoadBalancingV2::ListenerRule"
+        and r["Properties"]["ListenerArn"] == "httpslistener-placeholder"
+    ]
+    assert len(rules) == 1
+    assert rules[0]["Conditions"] == [
+        {"Field": "host-header", "HostHeaderConfig": {"Values": ["api.example.com"]}}
+    ]
+    assert rules[0]["Actions"] == [{"Type": "forward", "TargetGroupArn": "targetgroup-placeholder"}]
+    plain = {
+        a["Key"]: a["Value"] for a in resources["HttpListener"]["Properties"]["ListenerAttributes"]
+    }
+    assert plain["routing.http.response.server.enabled"] == "false"
+
+
+def test_only_the_https_listener_forwards_without_a_host_check(base):
+    """Apart from the reads-only rule, nothing forwards plain HTTP by default."""
+    forwards = [
+        name
+        for name, resource in rendered(base).items()
+        for node in walk(resource)
+        if isinstance(node, dict) and node.get("Type") == "forward"
+    ]
+    assert forwards == ["PlaintextReadsRule"]
+
+
+# ------------------------------------------------------------------ deploy role trust (item 4)
+
+
+def subjects(owner_id, repository_id, repository):
+    return [
+        f"repository_owner_id:{owner_id}:repository_id:{repository_id}:environment:production"
+        f":ref:refs/heads/main:job_workflow_ref:{repository}/.github/workflows/{workflow}"
+        "@refs/heads/main"
+        for workflow in ("ci.yml", "rollback.yml")
+    ]
+
+
+def test_deploy_role_trusts_exactly_ci_and_rollback_on_main_by_numeric_ids(ci):
+    role = rendered(ci, GitHubOwnerId="42", GitHubRepositoryId="4242", GitHubRepository="acme/cars")
+    trust = role["DeployRole"]["Properties"]["AssumeRolePolicyDocument"]
     (statement,) = trust["Statement"]
     assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
     assert set(statement["Condition"]) == {"StringEquals"}, "no StringLike wildcards"
     condition = statement["Condition"]["StringEquals"]
-    assert condition["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
-    assert condition["token.actions.githubusercontent.com:sub"] == {
-        "Fn::Sub": "repo:${GitHubRepository}:environment:production"
+    assert set(condition) == {
+        "token.actions.githubusercontent.com:aud",
+        "token.actions.githubusercontent.com:sub",
     }
+    assert condition["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
+    assert condition["token.actions.githubusercontent.com:sub"] == subjects(
+        "42", "4242", "acme/cars"
+    )
+    assert "*" not in json.dumps(condition)
 
 
-def test_deploy_role_trusts_the_github_oidc_provider_created_or_existing(base):
-    trust = base["Resources"]["DeployRole"]["Properties"]["AssumeRolePolicyDocument"]
+def test_deploy_role_trusts_the_github_oidc_provider_created_or_existing(ci):
+    trust = ci["Resources"]["DeployRole"]["Properties"]["AssumeRolePolicyDocument"]
     federated = trust["Statement"][0]["Principal"]["Federated"]["Fn::If"]
     assert federated[0] == "CreateOidcProvider"
     assert federated[1] == {"Ref": "GitHubOidcProvider"}
     assert federated[2]["Fn::Sub"].endswith(":oidc-provider/token.actions.githubusercontent.com")
-    provider = base["Resources"]["GitHubOidcProvider"]
+    provider = ci["Resources"]["GitHubOidcProvider"]
     assert provider["Condition"] == "CreateOidcProvider"
     assert provider["Properties"]["ClientIdList"] == ["sts.amazonaws.com"]
 
 
-def test_deploy_role_pushes_only_to_this_repository(base):
-    for statement in statements(base["Resources"]["DeployRole"]):
+def test_deploy_role_pushes_only_to_this_repository(ci):
+    for statement in statements(ci["Resources"]["DeployRole"]):
         actions = set(as_list(statement["Action"]))
         ecr = {a for a in actions if a.startswith("ecr:")} - {"ecr:GetAuthorizationToken"}
         if ecr:
-            assert statement["Resource"] == {"Fn::GetAtt": ["Repository", "Arn"]}
+            assert statement["Resource"] == {
+                "Fn::Sub": "arn:${AWS::Partition}:ecr:${AWS::Region}:${AWS::AccountId}"
+                ":repository/${RepositoryName}"
+            }
 
 
-def test_deploy_role_changes_only_the_service_stack(base):
+def test_deploy_role_changes_only_the_service_stack(ci):
     service_stack = (
         "arn:${AWS::Partition}:cloudformation:${AWS::Region}:${AWS::AccountId}"
         ":stack/${ServiceStackName}/*"
@@ -393,7 +525,7 @@ def test_deploy_role_changes_only_the_service_stack(base):
         "cloudformation:UpdateStack",
     }
     granted = set()
-    for statement in statements(base["Resources"]["DeployRole"]):
+    for statement in statements(ci["Resources"]["DeployRole"]):
         actions = set(as_list(statement["Action"]))
         assert "cloudformation:DeleteStack" not in actions
         if actions & writes:
@@ -402,40 +534,433 @@ def test_deploy_role_changes_only_the_service_stack(base):
     assert granted == writes
 
 
-def test_deploy_role_writes_roles_only_with_the_service_boundary(base):
-    writes = {
-        "iam:CreateRole",
-        "iam:PutRolePolicy",
-        "iam:AttachRolePolicy",
-        "iam:PutRolePermissionsBoundary",
-    }
-    service_roles = {
-        "Fn::Sub": "arn:${AWS::Partition}:iam::${AWS::AccountId}:role/${ServiceStackName}/*"
-    }
+# ------------------------------------------------------------------ deploy role permissions
+
+# The deploy role's complete list of actions, reviewed against the IAM service authorization
+# reference. A new action fails test_deploy_role_actions_are_exactly_the_reviewed_allow_list
+# until a person reviews it and adds it here.
+DEPLOY_ROLE_ACTIONS = {
+    # images: push by digest, scan-gate, list (release-path relies on each of these)
+    "ecr:GetAuthorizationToken",
+    "ecr:BatchCheckLayerAvailability",
+    "ecr:BatchGetImage",
+    "ecr:CompleteLayerUpload",
+    "ecr:DescribeImageScanFindings",
+    "ecr:DescribeImages",
+    "ecr:DescribeRepositories",
+    "ecr:GetDownloadUrlForLayer",
+    "ecr:InitiateLayerUpload",
+    "ecr:ListImages",
+    "ecr:PutImage",
+    "ecr:UploadLayerPart",
+    # the service stack only (the base stack is read)
+    "cloudformation:CancelUpdateStack",
+    "cloudformation:ContinueUpdateRollback",
+    "cloudformation:CreateChangeSet",
+    "cloudformation:CreateStack",
+    "cloudformation:DeleteChangeSet",
+    "cloudformation:DescribeChangeSet",
+    "cloudformation:DescribeStackEvents",
+    "cloudformation:DescribeStackResource",
+    "cloudformation:DescribeStackResources",
+    "cloudformation:DescribeStacks",
+    "cloudformation:ExecuteChangeSet",
+    "cloudformation:GetTemplate",
+    "cloudformation:GetTemplateSummary",
+    "cloudformation:ListChangeSets",
+    "cloudformation:ListExports",
+    "cloudformation:ListStackResources",
+    "cloudformation:UpdateStack",
+    "cloudformation:ValidateTemplate",
+    # what the service stack contains
+    "ecs:CreateService",
+    "ecs:DeleteService",
+    "ecs:DeregisterTaskDefinition",
+    "ecs:DescribeClusters",
+    "ecs:DescribeServiceDeployments",
+    "ecs:DescribeServices",
+    "ecs:DescribeTaskDefinition",
+    "ecs:DescribeTasks",
+    "ecs:ListServiceDeployments",
+    "ecs:ListServices",
+    "ecs:ListTagsForResource",
+    "ecs:ListTaskDefinitions",
+    "ecs:ListTasks",
+    "ecs:RegisterTaskDefinition",
+    "ecs:StopServiceDeployment",
+    "ecs:TagResource",
+    "ecs:UntagResource",
+    "ecs:UpdateService",
+    "iam:PassRole",
+    "application-autoscaling:DeleteScalingPolicy",
+    "application-autoscaling:DeregisterScalableTarget",
+    "application-autoscaling:DescribeScalableTargets",
+    "application-autoscaling:DescribeScalingActivities",
+    "application-autoscaling:DescribeScalingPolicies",
+    "application-autoscaling:DescribeScheduledActions",
+    "application-autoscaling:ListTagsForResource",
+    "application-autoscaling:PutScalingPolicy",
+    "application-autoscaling:RegisterScalableTarget",
+    "cloudwatch:DeleteAlarms",
+    "cloudwatch:DescribeAlarms",
+    "cloudwatch:GetMetricData",
+    "cloudwatch:ListTagsForResource",
+    "cloudwatch:PutMetricAlarm",
+    "cloudwatch:TagResource",
+    "cloudwatch:UntagResource",
+    # status, logs and verification
+    "elasticloadbalancing:DescribeLoadBalancers",
+    "elasticloadbalancing:DescribeTargetGroups",
+    "elasticloadbalancing:DescribeTargetHealth",
+    "logs:DescribeLogGroups",
+    "logs:DescribeLogStreams",
+    "logs:FilterLogEvents",
+    "logs:GetLogEvents",
+}
+
+
+# What make stack-deploy passes in, for the policy tests to read back.
+BASE_RESOURCES = {
+    "ClusterName": "cluster-x",
+    "AlarmTopicArn": "arn:aws:sns:eu-west-1:123456789012:topic-x",
+    "ExecutionRoleName": "execution-x",
+    "TaskRoleName": "task-x",
+    "TaskSubnets": "subnet-1,subnet-2",
+}
+
+
+def deploy_statements(ci, **parameters):
+    role = rendered(ci, **{**BASE_RESOURCES, **parameters})["DeployRole"]
+    return [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+
+
+def granting(statements_, action):
+    found = [s for s in statements_ if action in as_list(s["Action"])]
+    assert found, f"{action} is not granted"
+    return found
+
+
+def test_deploy_role_actions_are_exactly_the_reviewed_allow_list(ci):
     granted = set()
-    for statement in statements(base["Resources"]["DeployRole"]):
-        actions = set(as_list(statement["Action"]))
-        assert "iam:DeleteRolePermissionsBoundary" not in actions
-        if actions & writes:
-            assert statement["Resource"] == service_roles
-            boundary = statement["Condition"]["StringEquals"]["iam:PermissionsBoundary"]
-            assert boundary == {"Ref": "ServiceRoleBoundary"}
-            granted |= actions & writes
-    assert granted == writes
+    for statement in deploy_statements(ci):
+        assert statement["Effect"] == "Allow"
+        assert "NotAction" not in statement
+        assert "NotResource" not in statement
+        granted |= set(as_list(statement["Action"]))
+    assert granted - DEPLOY_ROLE_ACTIONS == set(), "new actions: review them, then allow-list"
+    assert DEPLOY_ROLE_ACTIONS - granted == set(), "dropped actions: remove them from the list"
 
 
-def test_deploy_role_passes_only_service_roles_and_only_to_ecs_tasks(base):
-    passing = [
-        s
-        for s in statements(base["Resources"]["DeployRole"])
-        if "iam:PassRole" in as_list(s["Action"])
+def test_deploy_role_has_no_iam_write_action(ci):
+    iam = {a for s in deploy_statements(ci) for a in as_list(s["Action"]) if a.startswith("iam:")}
+    assert iam == {"iam:PassRole"}
+
+
+def test_deploy_role_passes_exactly_the_two_task_roles_only_to_ecs_tasks(ci):
+    (statement,) = granting(deploy_statements(ci), "iam:PassRole")
+    assert as_list(statement["Action"]) == ["iam:PassRole"]
+    assert sorted(statement["Resource"]) == [
+        "arn:aws:iam::123456789012:role/cars-api/execution-x",
+        "arn:aws:iam::123456789012:role/cars-api/task-x",
     ]
-    assert len(passing) == 1
-    (statement,) = passing
-    assert statement["Resource"]["Fn::Sub"].endswith(":role/${ServiceStackName}/*")
-    assert statement["Condition"]["StringEquals"]["iam:PassedToService"] == (
-        "ecs-tasks.amazonaws.com"
-    )
+    assert statement["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}
+    }
+
+
+SERVICE_ARN = "arn:aws:ecs:eu-west-1:123456789012:service/cluster-x/cars-api-service"
+FAMILY_ARN = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cars-api-service:*"
+
+
+def test_deploy_role_changes_only_the_one_service_with_its_family_and_subnets(ci):
+    for public_ip in ("true", "false"):
+        statements_ = deploy_statements(ci, TaskPublicIp=public_ip)
+        for action in ("ecs:CreateService", "ecs:UpdateService"):
+            (statement,) = granting(statements_, action)
+            assert statement["Resource"] == SERVICE_ARN
+            assert statement["Condition"] == {
+                "ArnLikeIfExists": {"ecs:task-definition": FAMILY_ARN},
+                "StringEqualsIfExists": {
+                    "ecs:enable-execute-command": "false",
+                    "ecs:enable-service-connect": "false",
+                },
+                "ForAllValues:StringEquals": {"ecs:subnet": ["subnet-1", "subnet-2"]},
+                "BoolIfExists": {"ecs:auto-assign-public-ip": public_ip},
+            }
+    statements_ = deploy_statements(ci)
+    (register,) = granting(statements_, "ecs:RegisterTaskDefinition")
+    assert register["Resource"] == FAMILY_ARN
+    for action in ("ecs:DeleteService", "ecs:TagResource", "ecs:DescribeServices"):
+        for statement in granting(statements_, action):
+            assert SERVICE_ARN in as_list(statement["Resource"])
+            assert all("cars-api-service" in r for r in as_list(statement["Resource"]))
+
+
+def test_deploy_role_scales_only_ecs_desired_counts(ci):
+    for statement in deploy_statements(ci):
+        writes = [
+            a
+            for a in as_list(statement["Action"])
+            if a.startswith("application-autoscaling:")
+            and not a.split(":")[1].startswith(("Describe", "List"))
+        ]
+        if writes:
+            assert statement["Condition"] == {
+                "StringEquals": {
+                    "application-autoscaling:service-namespace": "ecs",
+                    "application-autoscaling:scalable-dimension": "ecs:service:DesiredCount",
+                }
+            }
+
+
+def test_deploy_role_alarm_actions_reach_only_the_topic_and_the_service_scaling(ci):
+    (statement,) = granting(deploy_statements(ci), "cloudwatch:PutMetricAlarm")
+    assert statement["Condition"] == {
+        "ForAllValues:ArnLike": {
+            "cloudwatch:AlarmActions": [
+                "arn:aws:sns:eu-west-1:123456789012:topic-x",
+                "arn:aws:autoscaling:eu-west-1:123456789012:scalingPolicy:*:resource/ecs/service"
+                "/cluster-x/cars-api-service:policyName/*",
+            ]
+        }
+    }
+    for resource in as_list(statement["Resource"]):
+        assert re.search(
+            r":alarm:(TargetTracking-service/cluster-x/)?cars-api-service-\*$", resource
+        )
+
+
+def test_every_wildcard_resource_says_why():
+    for name in ("base.yaml", "ci-access.yaml", "service.yaml"):
+        for number, line in enumerate((TEMPLATES / name).read_text().splitlines(), 1):
+            if re.search(r"Resource: '\*'", line):
+                assert re.search(r"'\*'\s+#\s*\S.{10,}", line), f"{name}:{number} {line.strip()}"
+
+
+def test_iam_scanner_renders_the_deploy_role_with_placeholders(capsys):
+    assert iam_scan.main(["iam_scan.py", "--print"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    text = json.dumps(document)
+    assert "${" not in text
+    assert "Fn::" not in text
+    assert {a for s in document["Statement"] for a in as_list(s["Action"])} == DEPLOY_ROLE_ACTIONS
+
+
+# ------------------------------------------------------------------ firewall (item 5)
+
+WAF_RESOURCES = {"WebAcl", "WebAclAssociation", "WafLogGroup", "WafLogging"}
+
+
+CLOUDSPLAINING = TEMPLATES.parent / ".venv" / "cloudsplaining" / "bin" / "cloudsplaining"
+
+
+def test_iam_analyser_passes_the_deploy_role_and_fails_an_unscoped_iam_write(tmp_path, capsys):
+    assert CLOUDSPLAINING.exists(), "make lint installs cloudsplaining into .venv/cloudsplaining"
+    assert iam_scan.main(["iam_scan.py", str(CLOUDSPLAINING)]) == 0
+    text = (TEMPLATES / "ci-access.yaml").read_text()
+    anchor = "              - Sid: PassTheTaskRolesToEcsTasks\n"
+    assert anchor in text
+    minting = "              - {Effect: Allow, Action: iam:CreateRole, Resource: '*'}\n"
+    worse = tmp_path / "ci-access.yaml"
+    worse.write_text(text.replace(anchor, minting + anchor))
+    capsys.readouterr()
+    assert iam_scan.main(["iam_scan.py", str(CLOUDSPLAINING), str(worse)]) == 1
+    report = capsys.readouterr().err
+    assert "iam:CreateRole" in report
+    assert "Privilege Escalation" in report or "Resource Exposure" in report
+
+
+def waf_rules(base):
+    return {r["Name"]: r for r in rendered(base)["WebAcl"]["Properties"]["Rules"]}
+
+
+def test_waf_guards_the_load_balancer_by_default(base):
+    resources = rendered(base)
+    assert set(resources) >= WAF_RESOURCES
+    association = resources["WebAclAssociation"]["Properties"]
+    assert association["ResourceArn"] == "loadbalancer-placeholder"
+    assert resources["WebAcl"]["Properties"]["Scope"] == "REGIONAL"
+    assert set(rendered(base, WebApplicationFirewall="false")) & WAF_RESOURCES == set()
+
+
+def test_waf_runs_the_common_and_known_bad_inputs_rule_groups(base):
+    rules = waf_rules(base)
+    for group in ("AWSManagedRulesCommonRuleSet", "AWSManagedRulesKnownBadInputsRuleSet"):
+        statement = rules[group]["Statement"]["ManagedRuleGroupStatement"]
+        assert (statement["VendorName"], statement["Name"]) == ("AWS", group)
+        assert rules[group]["OverrideAction"] == {"None": {}}, "count-only would block nothing"
+    # Only the 8 KiB body rule is relaxed: the app accepts up to MAX_BODY.
+    overrides = rules["AWSManagedRulesCommonRuleSet"]["Statement"]["ManagedRuleGroupStatement"][
+        "RuleActionOverrides"
+    ]
+    assert overrides == [{"Name": "SizeRestrictions_BODY", "ActionToUse": {"Count": {}}}]
+
+
+def test_waf_limits_requests_per_ip_and_writes_tighter(base):
+    rules = waf_rules(base)
+    every = rules["RequestsPerIp"]
+    writes = rules["WritesPerIp"]
+    for rule in (every, writes):
+        assert rule["Action"] == {"Block": {}}
+        assert rule["Statement"]["RateBasedStatement"]["AggregateKeyType"] == "IP"
+    assert "ScopeDownStatement" not in every["Statement"]["RateBasedStatement"]
+    limit = writes["Statement"]["RateBasedStatement"]["Limit"]
+    assert limit < every["Statement"]["RateBasedStatement"]["Limit"]
+    scope = writes["Statement"]["RateBasedStatement"]["ScopeDownStatement"]
+    reads = re.compile(scope["NotStatement"]["Statement"]["RegexMatchStatement"]["RegexString"])
+    assert scope["NotStatement"]["Statement"]["RegexMatchStatement"]["FieldToMatch"] == {
+        "Method": {}
+    }
+    assert [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE") if not reads.match(m)] == [
+        "POST",
+        "PUT",
+        "PATCH",
+        "DELETE",
+    ]
+
+
+def test_waf_blocks_bodies_only_above_the_apps_limit(base):
+    rule = waf_rules(base)["BodyLargerThanTheApp"]
+    assert rule["Action"] == {"Block": {}}
+    statement = rule["Statement"]["RegexMatchStatement"]
+    assert statement["FieldToMatch"] == {"SingleHeader": {"Name": "content-length"}}
+    too_large = re.compile(statement["RegexString"])
+    limit = cars.MAX_BODY
+    for length in (0, 1, 8192, limit - 1, limit, 9999):
+        assert not too_large.match(str(length)), length
+    for length in (limit + 1, limit + 1000, 99999, 100000, 10**9):
+        assert too_large.match(str(length)), length
+
+
+def test_waf_logs_without_the_bearer_token(base):
+    resources = rendered(base)
+    logging = resources["WafLogging"]["Properties"]
+    assert logging["ResourceArn"] == "arn:aws:wafv2:eu-west-1:123456789012:webacl-placeholder"
+    assert logging["LogDestinationConfigs"] == [
+        "arn:aws:logs:eu-west-1:123456789012:log-group:wafloggroup-placeholder"
+    ], "the ARN without GetAtt's trailing :*"
+    assert logging["RedactedFields"] == [{"SingleHeader": {"Name": "authorization"}}]
+    group = resources["WafLogGroup"]["Properties"]
+    assert group["LogGroupName"].startswith("aws-waf-logs-")
+    assert group["RetentionInDays"] == "30"
+
+
+# ------------------------------------------------------------------ private tasks (item 6)
+
+ENDPOINTS = {"ecr.api", "ecr.dkr", "logs", "secretsmanager"}
+
+
+def endpoints(resources):
+    found = {}
+    for resource in resources.values():
+        if resource["Type"] == "AWS::EC2::VPCEndpoint":
+            service = resource["Properties"]["ServiceName"].removeprefix("com.amazonaws.eu-west-1.")
+            found[service] = resource["Properties"]
+    return found
+
+
+def test_private_tasks_reach_aws_only_through_vpc_endpoints(base):
+    resources = rendered(base, TaskSubnetType="private", S3PrefixListId="pl-0123abcd")
+    found = endpoints(resources)
+    assert set(found) == ENDPOINTS | {"s3"}
+    private = ["privatesubneta-placeholder", "privatesubnetb-placeholder"]
+    for service in ENDPOINTS:
+        assert found[service]["VpcEndpointType"] == "Interface"
+        assert found[service]["PrivateDnsEnabled"] is True
+        assert found[service]["SubnetIds"] == private
+        assert found[service]["SecurityGroupIds"] == ["endpointsecuritygroup-placeholder"]
+    assert found["s3"]["VpcEndpointType"] == "Gateway"
+    assert found["s3"]["RouteTableIds"] == ["privateroutetable-placeholder"]
+    (layers,) = found["s3"]["PolicyDocument"]["Statement"]
+    assert layers["Action"] == "s3:GetObject"
+    assert layers["Resource"] == "arn:aws:s3:::prod-eu-west-1-starport-layer-bucket/*"
+    egress = resources["ServiceSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    destinations = [
+        r.get("DestinationSecurityGroupId") or r.get("DestinationPrefixListId") for r in egress
+    ]
+    assert sorted(destinations) == ["endpointsecuritygroup-placeholder", "pl-0123abcd"]
+    assert all((r["IpProtocol"], r["FromPort"], r["ToPort"]) == ("tcp", 443, 443) for r in egress)
+    assert not any("CidrIp" in r for r in egress)
+    ingress = resources["EndpointSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert sorted(r["CidrIp"] for r in ingress) == ["10.20.10.0/24", "10.20.11.0/24"]
+
+
+def test_public_tasks_create_no_endpoints_and_keep_https_egress(base):
+    resources = rendered(base)
+    assert endpoints(resources) == {}
+    (egress,) = resources["ServiceSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    assert (egress["FromPort"], egress["ToPort"], egress["CidrIp"]) == (443, 443, "0.0.0.0/0")
+
+
+def test_task_subnets_and_public_ip_follow_the_task_subnet_type(base):
+    for mode, subnets, public_ip in (
+        ("public", "publicsubneta-placeholder,publicsubnetb-placeholder", "ENABLED"),
+        ("private", "privatesubneta-placeholder,privatesubnetb-placeholder", "DISABLED"),
+    ):
+        renderer = iam_scan.Renderer(base, TaskSubnetType=mode, S3PrefixListId="pl-0123abcd")
+        outputs = renderer.render(base["Outputs"])
+        assert outputs["TaskSubnets"]["Value"] == {"Fn::Join": [",", subnets.split(",")]}, mode
+        assert outputs["TaskAssignPublicIp"]["Value"] == public_ip, mode
+
+
+def test_private_tasks_require_the_s3_prefix_list(base):
+    rule = base["Rules"]["S3PrefixListForPrivateTasks"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "TaskSubnetType"}, "private"]}
+    assert rule["Assertions"][0]["Assert"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "S3PrefixListId"}, ""]}]
+    }
+
+
+# ------------------------------------------------------------------ image scanning
+
+
+def test_enhanced_scanning_is_an_option_that_is_off_by_default(base):
+    assert "RegistryScanning" not in rendered(base)
+    scanning = rendered(base, EnhancedImageScanning="true")["RegistryScanning"]["Properties"]
+    assert scanning["ScanType"] == "ENHANCED"
+    (rule,) = scanning["Rules"]
+    assert rule["ScanFrequency"] == "CONTINUOUS_SCAN"
+    assert rule["RepositoryFilters"] == [{"Filter": "cars-api", "FilterType": "WILDCARD"}]
+
+
+# ------------------------------------------------------------------ task roles (item 2)
+
+
+def test_execution_role_is_scoped_to_the_repository_secrets_and_log_group(base):
+    scope = {
+        "ecr:GetAuthorizationToken": ["*"],
+        "ecr:BatchCheckLayerAvailability": [{"Fn::GetAtt": ["Repository", "Arn"]}],
+        "ecr:BatchGetImage": [{"Fn::GetAtt": ["Repository", "Arn"]}],
+        "ecr:GetDownloadUrlForLayer": [{"Fn::GetAtt": ["Repository", "Arn"]}],
+        "secretsmanager:GetSecretValue": [{"Ref": "DatabaseSecret"}, {"Ref": "ApiTokenSecret"}],
+        "logs:CreateLogStream": [{"Fn::GetAtt": ["LogGroup", "Arn"]}],
+        "logs:PutLogEvents": [{"Fn::GetAtt": ["LogGroup", "Arn"]}],
+    }
+    seen = set()
+    for statement in statements(base["Resources"]["ExecutionRole"]):
+        assert statement["Effect"] == "Allow"
+        for action in as_list(statement["Action"]):
+            assert action in scope, f"unexpected {action}"
+            assert as_list(statement["Resource"]) == scope[action], action
+            seen.add(action)
+    assert seen == set(scope)
+
+
+def test_task_role_grants_nothing(base):
+    task_role = base["Resources"]["TaskRole"]["Properties"]
+    assert "Policies" not in task_role
+    assert "ManagedPolicyArns" not in task_role
+
+
+def test_task_roles_are_long_lived_and_trust_only_ecs_tasks(base):
+    for name in ("ExecutionRole", "TaskRole"):
+        properties = base["Resources"][name]["Properties"]
+        (statement,) = properties["AssumeRolePolicyDocument"]["Statement"]
+        assert statement["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}, name
+        assert statement["Condition"] == {
+            "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+        }, name
+    assert not resources_of(base, "AWS::IAM::ManagedPolicy"), "no boundary left to maintain"
 
 
 def test_database_alarms_watch_cpu_and_free_storage(base):
@@ -480,11 +1005,10 @@ def test_service_parameters_follow_the_contract(service):
         "MaxCapacity": 6,
         "Cpu": "256",
         "Memory": "512",
-        "TaskSubnetType": "public",
     }
     for name, default in expected.items():
         assert parameters[name]["Default"] == default, name
-    assert parameters["TaskSubnetType"]["AllowedValues"] == ["public", "private"]
+    assert "TaskSubnetType" not in parameters, "the base stack chooses, for the deploy role too"
 
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -579,47 +1103,23 @@ def test_container_root_filesystem_is_read_only(service):
     assert {m["ContainerPath"] for m in definition["MountPoints"]} == {"/tmp"}  # noqa: S108 - task-local volume
 
 
-def test_execution_role_is_scoped_to_the_repository_secrets_and_log_group(service):
-    scope = {
-        "ecr:GetAuthorizationToken": ["*"],
-        "ecr:BatchCheckLayerAvailability": [imported("RepositoryArn")],
-        "ecr:BatchGetImage": [imported("RepositoryArn")],
-        "ecr:GetDownloadUrlForLayer": [imported("RepositoryArn")],
-        "secretsmanager:GetSecretValue": [
-            imported("DatabaseSecretArn"),
-            imported("ApiTokenSecretArn"),
-        ],
-        "logs:CreateLogStream": [imported("LogGroupArn")],
-        "logs:PutLogEvents": [imported("LogGroupArn")],
-    }
-    seen = set()
-    for statement in statements(service["Resources"]["ExecutionRole"]):
-        assert statement["Effect"] == "Allow"
-        for action in as_list(statement["Action"]):
-            assert action in scope, f"unexpected {action}"
-            assert as_list(statement["Resource"]) == scope[action], action
-            seen.add(action)
-    assert seen == set(scope)
+def test_service_stack_creates_no_role_and_runs_the_base_roles(service):
+    assert not [r for r in service["Resources"].values() if r["Type"].startswith("AWS::IAM::")]
+    task = service["Resources"]["TaskDefinition"]["Properties"]
+    assert task["ExecutionRoleArn"] == imported("ExecutionRoleArn")
+    assert task["TaskRoleArn"] == imported("TaskRoleArn")
+    # The deploy role may register and run only this family, and change only this service.
+    assert task["Family"] == {"Ref": "AWS::StackName"}
+    assert service["Resources"]["Service"]["Properties"]["ServiceName"] == {"Ref": "AWS::StackName"}
 
 
-def test_task_role_grants_nothing(service):
-    task_role = service["Resources"]["TaskRole"]["Properties"]
-    assert "Policies" not in task_role
-    assert "ManagedPolicyArns" not in task_role
-
-
-def test_service_roles_are_bounded_and_trust_only_ecs_tasks(service):
-    roles = resources_of(service, "AWS::IAM::Role")
-    assert set(roles) == {"ExecutionRole", "TaskRole"}
-    for name, role in roles.items():
-        properties = role["Properties"]
-        # The deploy role may create and pass roles only under this path and with this boundary.
-        assert properties["Path"] == {"Fn::Sub": "/${AWS::StackName}/"}, name
-        assert properties["PermissionsBoundary"] == imported("ServiceRoleBoundaryArn"), name
-        (statement,) = properties["AssumeRolePolicyDocument"]["Statement"]
-        assert statement["Principal"] == {"Service": "ecs-tasks.amazonaws.com"}, name
-    family = service["Resources"]["TaskDefinition"]["Properties"]["Family"]
-    assert family == {"Ref": "AWS::StackName"}, "the deploy role tags task-definition/<stack>:*"
+def test_container_runs_as_an_unprivileged_user_without_capabilities(service):
+    definition = container(service)
+    assert definition["User"] == "10001:10001"
+    assert definition["LinuxParameters"]["Capabilities"] == {"Drop": ["ALL"]}
+    assert "Add" not in definition["LinuxParameters"]["Capabilities"]
+    assert definition["ReadonlyRootFilesystem"] is True
+    assert not definition.get("Privileged", False)
 
 
 def test_deployment_circuit_breaker_rolls_back(service):
@@ -658,21 +1158,12 @@ def test_service_registers_with_the_base_target_group(service):
     }
 
 
-def test_tasks_run_in_public_subnets_with_a_public_ip_unless_private_is_chosen(service):
+def test_tasks_run_where_the_base_stacks_task_subnet_type_says(service):
     network = service["Resources"]["Service"]["Properties"]["NetworkConfiguration"][
         "AwsvpcConfiguration"
     ]
-    assert service["Conditions"]["UsePublicSubnets"] == {
-        "Fn::Equals": [{"Ref": "TaskSubnetType"}, "public"]
-    }
-    assert network["AssignPublicIp"] == {"Fn::If": ["UsePublicSubnets", "ENABLED", "DISABLED"]}
-    assert network["Subnets"] == {
-        "Fn::If": [
-            "UsePublicSubnets",
-            {"Fn::Split": [",", imported("PublicSubnets")]},
-            {"Fn::Split": [",", imported("PrivateSubnets")]},
-        ]
-    }
+    assert network["AssignPublicIp"] == imported("TaskAssignPublicIp")
+    assert network["Subnets"] == {"Fn::Split": [",", imported("TaskSubnets")]}
     assert network["SecurityGroups"] == [imported("ServiceSecurityGroup")]
 
 

@@ -20,10 +20,13 @@ from cfnlint.decode import decode
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
 BASE_TEMPLATE = ROOT / "cloudformation" / "base.yaml"
+CI_ACCESS_TEMPLATE = ROOT / "cloudformation" / "ci-access.yaml"
 
 OIDC_HOST = "token.actions.githubusercontent.com"
-# Any owner/name: the trust policy is read with this as its GitHubRepository parameter.
+# Any owner/name and ids: the trust policy is read with these as its GitHub parameters.
 REPOSITORY = "example-org/cars-api"
+OWNER_ID = "1001"
+REPOSITORY_ID = "2002"
 SHA_RULE = "^[0-9a-f]{7,40}$"
 CONFIGURE_AWS = "aws-actions/configure-aws-credentials"
 
@@ -54,6 +57,14 @@ def rollback(workflows: dict[str, dict]) -> dict:
 @pytest.fixture(scope="module")
 def base_template() -> dict:
     template, matches = decode(str(BASE_TEMPLATE))
+    assert template is not None, [str(match) for match in matches]
+    return template
+
+
+@pytest.fixture(scope="module")
+def ci_access_template() -> dict:
+    """The stack that holds the OIDC trust and the deploy role."""
+    template, matches = decode(str(CI_ACCESS_TEMPLATE))
     assert template is not None, [str(match) for match in matches]
     return template
 
@@ -580,7 +591,12 @@ def trusted_subjects(template: dict) -> tuple[set[str], set[str]]:
 
     def values(claim: str) -> set[str]:
         raw = as_list(claims[f"{OIDC_HOST}:{claim}"])
-        return {resolve(value, {"GitHubRepository": REPOSITORY}) for value in raw}
+        github = {
+            "GitHubRepository": REPOSITORY,
+            "GitHubOwnerId": OWNER_ID,
+            "GitHubRepositoryId": REPOSITORY_ID,
+        }
+        return {resolve(value, github) for value in raw}
 
     return values("sub"), values("aud")
 
@@ -588,28 +604,36 @@ def trusted_subjects(template: dict) -> tuple[set[str], set[str]]:
 def presented_subjects(workflows: dict[str, dict]) -> set[str]:
     """The `sub` claim GitHub puts in the token of each job that may request one."""
     subjects = set()
-    for name, job_id, job in jobs(workflows):
+    for name, _job_id, job in jobs(workflows):
         if (job.get("permissions") or {}).get("id-token") != "write":
             continue
-        environment = environment_name(job)
-        if environment:
-            subjects.add(f"repo:{REPOSITORY}:environment:{environment}")
-        else:
-            assert "github.ref == 'refs/heads/main'" in job.get("if", ""), f"{name} {job_id}"
-            subjects.add(f"repo:{REPOSITORY}:ref:refs/heads/main")
+        # The repository's customised subject claim (issue 10): ids, environment, ref and the
+        # calling workflow; a job without an environment presents none and is never trusted.
+        environment = environment_name(job) or ""
+        subjects.add(
+            f"repository_owner_id:{OWNER_ID}:repository_id:{REPOSITORY_ID}"
+            f":environment:{environment}:ref:refs/heads/main"
+            f":job_workflow_ref:{REPOSITORY}/.github/workflows/{name}@refs/heads/main"
+        )
     return subjects
 
 
 def test_the_deploy_role_trusts_every_subject_the_workflows_present(
-    workflows: dict[str, dict], base_template: dict
+    workflows: dict[str, dict], ci_access_template: dict
 ) -> None:
-    subjects, audiences = trusted_subjects(base_template)
+    subjects, audiences = trusted_subjects(ci_access_template)
     assert audiences == {"sts.amazonaws.com"}
     presented = presented_subjects(workflows)
     assert presented
     assert presented == subjects, f"refused: {presented - subjects}; unused: {subjects - presented}"
 
 
-def test_the_deploy_role_trusts_only_the_production_environment(base_template: dict) -> None:
-    subjects, _ = trusted_subjects(base_template)
-    assert subjects == {f"repo:{REPOSITORY}:environment:production"}
+def test_the_deploy_role_trusts_only_the_production_environment(
+    ci_access_template: dict,
+) -> None:
+    subjects, _ = trusted_subjects(ci_access_template)
+    assert {s.split(":environment:")[1].split(":")[0] for s in subjects} == {"production"}
+    assert {s.split(":job_workflow_ref:")[1] for s in subjects} == {
+        f"{REPOSITORY}/.github/workflows/{name}@refs/heads/main"
+        for name in ("ci.yml", "rollback.yml")
+    }
