@@ -9,7 +9,8 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY requirements.txt /tmp/requirements.txt
 RUN python -m venv /opt/venv \
-  && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -r /tmp/requirements.txt \
+  && /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
+    -r /tmp/requirements.txt \
   && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
 
 # Final: the base, the venv and cars.py; nothing else.

@@ -20,12 +20,17 @@ STACK_PREFIX ?= cars-api
 BASE_STACK ?= $(STACK_PREFIX)-base
 SERVICE_STACK ?= $(STACK_PREFIX)-service
 GITHUB_REPOSITORY ?=
+UPGRADE ?=
 
 # The scripts read their settings from the environment, never from their arguments.
 export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK GITHUB_REPOSITORY
+export UPGRADE
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
+LOCK_TOOL := $(VENV)/lock/.installed
+# Every venv installs from a lock file, and pip refuses any file whose hash the lock lacks.
+PIP_INSTALL = pip install --quiet --disable-pip-version-check --require-hashes
 # SHA comes through the environment so that nothing the caller typed is pasted into a shell line.
 require_sha = @[[ -n "$${SHA:-}" ]] || { echo "usage: make $@ SHA=<commit sha>  (7 to 40 hex characters)" >&2; exit 2; }
 
@@ -39,13 +44,19 @@ help: ## Show this help.
 
 $(RUNTIME): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/$(PIP_INSTALL) -r requirements.txt
 	touch $@
 
-$(DEV): $(RUNTIME) tests/requirements.txt tests/requirements-checkov.txt
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+$(DEV): $(RUNTIME) $(LOCK_TOOL) tests/requirements.txt tests/requirements-checkov.txt
+	$(VENV)/bin/$(PIP_INSTALL) -r tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)/checkov
-	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-checkov.txt
+	$(VENV)/checkov/bin/$(PIP_INSTALL) -r tests/requirements-checkov.txt
+	touch $@
+
+# uv in a venv of its own, so that `make lock` works even while another lock file is broken.
+$(LOCK_TOOL): tests/requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)/lock
+	$(VENV)/lock/bin/$(PIP_INSTALL) -r tests/requirements-lock.txt
 	touch $@
 
 .PHONY: run
@@ -69,6 +80,11 @@ lint: $(DEV) ## Run every linter and scanner; each must report zero findings.
 	$(VENV)/checkov/bin/checkov --quiet --compact --skip-download --framework cloudformation --directory cloudformation
 	$(VENV)/bin/bandit --quiet --recursive cars.py scripts
 	$(VENV)/bin/detect-secrets-hook $$(git ls-files)
+	UV=$(VENV)/lock/bin/uv scripts/lock.sh --check
+
+.PHONY: lock
+lock: $(LOCK_TOOL) ## Resolve tests/requirements*.in into hashed lock files (UPGRADE=1: newest versions).
+	UV=$(VENV)/lock/bin/uv scripts/lock.sh
 
 .PHONY: fmt
 fmt: $(DEV) ## Format the Python code and apply ruff's safe fixes.
