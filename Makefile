@@ -100,17 +100,17 @@ drill: $(DEV) ## Run the soak: minutes of mixed load, no errors, flat memory (th
 	$(VENV)/bin/pytest -m drill $(PYTEST_ARGS)
 
 .PHONY: clean
-clean: ## Remove the virtualenv, caches and the local SQLite database.
-	rm -rf $(VENV) .pytest_cache .ruff_cache cars.db cars.db-wal cars.db-shm
+clean: ## Remove the virtualenv, caches, the build output and the local SQLite database.
+	rm -rf $(VENV) .build .pytest_cache .ruff_cache cars.db cars.db-wal cars.db-shm
 
 ##@ Container
 
 .PHONY: image
-image: ## Build the image cars-api:<SHA> (SHA defaults to the current commit; CONTAINER=podman works too).
+image: ## Build the image cars-api:<SHA> and its SBOM .build/sbom.cdx.json (SHA: the current commit).
 	scripts/image.sh
 
 .PHONY: image-test
-image-test: ## Build the image, run it and check health, the walk-through, non-root, fast stop and contents.
+image-test: ## Build the image, run it and check health, walk-through, non-root, fast stop, contents, SBOM.
 	scripts/image-test.sh
 
 .PHONY: up

@@ -3,7 +3,7 @@
 Contract (README "Dependencies" and "Container"): `make lock` turns each tests/requirements*.in
 into a hashed lock (tests/requirements-runtime.in into requirements.txt); every venv and the image
 install with pip's --require-hashes; `make lint` fails when a lock no longer follows from its
-input.
+input; the image is Python 3.13 on Debian 13.
 """
 
 import os
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = [ROOT / "requirements.txt", *sorted((ROOT / "tests").glob("requirements*.txt"))]
 # The uv that `make lint` installs into the venv beside the one running these tests.
 UV = Path(sys.prefix) / "lock" / "bin" / "uv"
+BASE_IMAGE = "python:3.13-slim-trixie"
 
 
 def requirements(lock: Path) -> list[str]:
@@ -144,3 +145,18 @@ def test_make_lint_runs_the_lock_check_and_make_lock_refreshes_every_lock():
 
     assert re.search(r"^UV=\S+ scripts/lock.sh --check$", plan("lint"), re.MULTILINE)
     assert re.search(r"^UV=\S+ scripts/lock.sh$", plan("lock"), re.MULTILINE)
+
+
+def test_the_image_and_ci_run_python_3_13_on_debian_13():
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    stages = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    assert stages[0] == BASE_IMAGE
+    # The final image is a flattened copy of the trimmed runtime stage, so nothing removed there
+    # ships in a lower layer.
+    assert stages[-1] == "scratch"
+    assert "COPY --from=runtime / /" in dockerfile
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK ", dockerfile, re.MULTILINE)
+    ci_run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "localhost/python-base:trixie" in ci_run
+    assert "bookworm" not in ci_run
