@@ -3,7 +3,7 @@
 Contract (README "Dependencies" and "Container"): `make lock` turns each tests/requirements*.in
 into a hashed lock (tests/requirements-runtime.in into requirements.txt); every venv and the image
 install with pip's --require-hashes; `make lint` fails when a lock no longer follows from its
-input; the image is Python 3.13 on Debian 13.
+input; Dependabot watches the actions, the locks and the base image; CODEOWNERS guard the build.
 """
 
 import os
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = [ROOT / "requirements.txt", *sorted((ROOT / "tests").glob("requirements*.txt"))]
@@ -145,6 +146,38 @@ def test_make_lint_runs_the_lock_check_and_make_lock_refreshes_every_lock():
 
     assert re.search(r"^UV=\S+ scripts/lock.sh --check$", plan("lint"), re.MULTILINE)
     assert re.search(r"^UV=\S+ scripts/lock.sh$", plan("lock"), re.MULTILINE)
+
+
+def test_dependabot_updates_the_actions_every_lock_and_the_base_image():
+    config = yaml.safe_load((ROOT / ".github" / "dependabot.yml").read_text(encoding="utf-8"))
+    updates = {(u["package-ecosystem"], u["directory"]) for u in config["updates"]}
+    assert ("github-actions", "/") in updates
+    assert ("docker", "/") in updates
+    for lock in LOCKS:
+        assert ("pip", "/" + str(lock.parent.relative_to(ROOT)).strip(".")) in updates, lock
+    # Dependabot reads FROM lines, not build arguments: the base must be named in one.
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert f"FROM {BASE_IMAGE} AS upstream" in dockerfile.splitlines()
+    assert "ARG PYTHON_IMAGE=upstream" in dockerfile.splitlines()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [".github/workflows/ci.yml", "cloudformation/base.yaml", "scripts/release.sh", "Makefile",
+     "Dockerfile"],
+)  # fmt: skip
+def test_codeowners_own_what_builds_and_deploys(path):
+    rules = []
+    for line in (ROOT / ".github" / "CODEOWNERS").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            pattern, *owners = line.split()
+            rules.append((pattern, owners))
+    assert (ROOT / path).exists()
+    # GitHub applies the last matching rule; these rules are anchored files and folders.
+    matching = [owners for pattern, owners in rules if f"/{path}".startswith(pattern)]
+    assert matching, f"no CODEOWNERS rule covers {path}"
+    assert matching[-1], f"the rule for {path} names no owner"
+    assert all(owner.startswith("@") for owner in matching[-1])
 
 
 def test_the_image_and_ci_run_python_3_13_on_debian_13():
