@@ -137,7 +137,8 @@ def test_the_test_job_also_tests_the_image_with_mysql(ci: dict) -> None:
 
 def test_the_test_job_uses_the_images_python_with_pip_caching(ci: dict) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    image_python = re.search(r"^ARG PYTHON_IMAGE=python:(\d+\.\d+)-", dockerfile, re.MULTILINE)
+    # The default base is named in the Dockerfile's `upstream` stage (where Dependabot reads it).
+    image_python = re.search(r"^FROM python:(\d+\.\d+)-\S+ AS upstream$", dockerfile, re.MULTILINE)
     assert image_python, "the Dockerfile names its default python image"
     [test_job] = jobs_running(ci, "make test")
     [setup] = steps_using(test_job, "actions/setup-python")
