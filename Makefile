@@ -26,13 +26,17 @@ IMAGE_ARCHIVE ?=
 IMAGE_ID ?=
 ALLOW_VULNERABLE ?=
 DEPLOY_FREEZE ?=
+UPGRADE ?=
 
 # The scripts read their settings from the environment, never from their arguments.
 export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK CI_STACK GITHUB_REPOSITORY
-export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE
+export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE UPGRADE
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
+LOCK_TOOL := $(VENV)/lock/.installed
+# Every venv installs from a lock file, and pip refuses any file whose hash the lock lacks.
+PIP_INSTALL = pip install --quiet --disable-pip-version-check --require-hashes
 # The recipes read SHA from the shell's environment ($${SHA}), never as $(SHA), so its text is
 # never pasted into a shell line. Make still expands a command-line SHA=... before any check
 # (a $(shell ...) in it runs), while a SHA taken from the environment reaches the scripts
@@ -49,15 +53,21 @@ help: ## Show this help.
 
 $(RUNTIME): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/$(PIP_INSTALL) -r requirements.txt
 	touch $@
 
-$(DEV): $(RUNTIME) tests/requirements.txt tests/requirements-checkov.txt tests/requirements-cloudsplaining.txt
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+$(DEV): $(RUNTIME) $(LOCK_TOOL) tests/requirements.txt tests/requirements-checkov.txt tests/requirements-cloudsplaining.txt
+	$(VENV)/bin/$(PIP_INSTALL) -r tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)/checkov
-	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-checkov.txt
+	$(VENV)/checkov/bin/$(PIP_INSTALL) -r tests/requirements-checkov.txt
 	$(PYTHON) -m venv $(VENV)/cloudsplaining
-	$(VENV)/cloudsplaining/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-cloudsplaining.txt
+	$(VENV)/cloudsplaining/bin/$(PIP_INSTALL) -r tests/requirements-cloudsplaining.txt
+	touch $@
+
+# uv in a venv of its own, so that `make lock` works even while another lock file is broken.
+$(LOCK_TOOL): tests/requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)/lock
+	$(VENV)/lock/bin/$(PIP_INSTALL) -r tests/requirements-lock.txt
 	touch $@
 
 .PHONY: run
@@ -76,12 +86,18 @@ lint: $(DEV) ## Run every linter and scanner; each must report zero findings.
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yaml
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
 	$(VENV)/bin/zizmor --offline .github/workflows
 	$(VENV)/bin/cfn-lint --include-checks I -- cloudformation/*.yaml
 	$(VENV)/checkov/bin/checkov --quiet --compact --skip-download --framework cloudformation --directory cloudformation
 	$(VENV)/bin/python scripts/iam_scan.py $(VENV)/cloudsplaining/bin/cloudsplaining
 	$(VENV)/bin/bandit --quiet --recursive cars.py scripts
 	$(VENV)/bin/detect-secrets-hook $$(git ls-files)
+	UV=$(VENV)/lock/bin/uv scripts/lock.sh --check
+
+.PHONY: lock
+lock: $(LOCK_TOOL) ## Resolve tests/requirements*.in into hashed lock files (UPGRADE=1: newest versions).
+	UV=$(VENV)/lock/bin/uv scripts/lock.sh
 
 .PHONY: fmt
 fmt: $(DEV) ## Format the Python code and apply ruff's safe fixes.
@@ -97,17 +113,17 @@ drill: $(DEV) ## Run the soak: minutes of mixed load, no errors, flat memory (th
 	$(VENV)/bin/pytest -m drill $(PYTEST_ARGS)
 
 .PHONY: clean
-clean: ## Remove the virtualenv, caches and the local SQLite database.
-	rm -rf $(VENV) .pytest_cache .ruff_cache cars.db cars.db-wal cars.db-shm
+clean: ## Remove the virtualenv, caches, the build output and the local SQLite database.
+	rm -rf $(VENV) dist .pytest_cache .ruff_cache cars.db cars.db-wal cars.db-shm
 
 ##@ Container
 
 .PHONY: image
-image: ## Build the image cars-api:<SHA> (SHA defaults to the current commit; CONTAINER=podman works too).
+image: ## Build the image cars-api:<SHA> and its SBOM dist/sbom.cdx.json (SHA: the current commit).
 	scripts/image.sh
 
 .PHONY: image-test
-image-test: ## Build the image, run it and check health, the walk-through, non-root, fast stop and contents.
+image-test: ## Build the image, run it and check health, walk-through, non-root, fast stop, contents, SBOM.
 	scripts/image-test.sh
 
 .PHONY: image-save

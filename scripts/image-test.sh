@@ -9,7 +9,9 @@ Builds the image with scripts/image.sh (same settings: SHA, IMAGE, CONTAINER, PY
 then runs it and checks: /health answers within 2 s of `start`; the seed's curl walk-through
 (create, list, replace, read, delete; the write token enforced) works over HTTP; the process is
 not root; `stop` returns in under 3 s with exit code 0; the logs are JSON and hold no token; the
-image holds no compiler, no test tools and no .git. Prints image size, start-to-ready and stop.
+image holds no compiler, no C headers, no pip, no test tools and no .git; its SBOM (in the
+image, in dist/sbom.cdx.json and in its label) agrees and matches requirements.txt. Prints
+image size, start-to-ready and stop.
 It does this with the embedded store, then again against MySQL (read-only root file system)
 when one is reachable from a host-network container: MYSQL_HOST (default 127.0.0.1),
 MYSQL_PORT (3306), MYSQL_USER (root), MYSQL_PASSWORD (empty). A throwaway database is created
@@ -20,6 +22,8 @@ USAGE
 }
 
 READY_LIMIT_MS=2000
+sbom_file=dist/sbom.cdx.json
+sbom_in_image=/usr/share/doc/cars-api/sbom.cdx.json
 STOP_LIMIT_MS=3000
 WAIT_LIMIT_MS=15000
 
@@ -235,22 +239,50 @@ check_stop() {
   say "$name: stopped in $stop_ms ms, exit code $code"
 }
 
-# Runs in the image as root, to see every file: no build tools, no test tools, no .git; lists /app.
+# Runs in the image as root, to see every file: no build tools or C headers, no pip, no test
+# tools, no .git; prints the SBOM's digest, then lists /app.
 contents_probe=$(
   cat <<'PROBE'
 set -eu
-for tool in gcc cc c++ g++ clang make; do
-  if command -v "$tool" >/dev/null; then echo "build tool in the image: $tool" >&2; exit 1; fi
+for tool in gcc cc c++ g++ clang make ld as pip pip3; do
+  if command -v "$tool" >/dev/null; then echo "build tool or pip in the image: $tool" >&2; exit 1; fi
 done
+found=$(find / -xdev \( -name Python.h -o -name pip -o -name 'pip-*.dist-info' -o -name ensurepip \) \
+  -print 2>/dev/null | head -n 1)
+if [ -n "$found" ]; then echo "C headers, pip or ensurepip in the image: $found" >&2; exit 1; fi
 if python -c 'import importlib.util as u, sys
-sys.exit(not any(u.find_spec(m) for m in ("pytest", "pytest_mock", "webtest")))'; then
-  echo "test dependencies in the image" >&2; exit 1
+sys.exit(not any(u.find_spec(m) for m in ("pytest", "pytest_mock", "webtest", "pip")))'; then
+  echo "test dependencies or pip in the image" >&2; exit 1
 fi
 git=$(find / -xdev -name .git -print 2>/dev/null | head -n 1)
 if [ -n "$git" ]; then echo "a .git in the image: $git" >&2; exit 1; fi
+sha256sum "$SBOM_PATH" | cut -d ' ' -f 1
 ls -A /app
 PROBE
 )
+
+# check_sbom IN_IMAGE_SHA256: the SBOM in the image, the one beside the build and the label
+# agree, and it lists the venv's packages at exactly the versions requirements.txt locks.
+check_sbom() {
+  local in_image=$1 label file_sha component pin
+  label=$("$engine" image inspect --format '{{index .Config.Labels "cars-api.sbom.digest"}}' "$ref")
+  [[ -f $sbom_file ]] || fail "no SBOM at $sbom_file"
+  file_sha=sha256:$(sha256sum "$sbom_file" | cut -d ' ' -f 1)
+  [[ $label == "$file_sha" && $label == "sha256:$in_image" ]] ||
+    fail "SBOM digests differ: label '$label', $sbom_file $file_sha, in the image sha256:$in_image"
+  jq -e '.bomFormat == "CycloneDX" and (.components | length > 0)' "$sbom_file" >/dev/null ||
+    fail "$sbom_file is not a CycloneDX SBOM with components"
+  for pin in bottle waitress pymysql cryptography; do
+    jq -e --arg n "$pin" 'any(.components[]; (.name | ascii_downcase) == $n)' "$sbom_file" \
+      >/dev/null || fail "the SBOM does not list $pin"
+  done
+  while read -r component; do
+    pin=$(sed -n "s/^\(${component%%==*}==[^ ;]*\).*/\1/Ip" requirements.txt | head -n 1)
+    [[ ${pin,,} == "${component,,}" ]] ||
+      fail "the SBOM lists $component, but requirements.txt locks '${pin:-nothing}'"
+  done < <(jq -r '.components[] | "\(.name | gsub("[_.]"; "-"))==\(.version)"' "$sbom_file")
+  say "SBOM: $sbom_file ($label) matches the image and requirements.txt"
+}
 
 check_contents() {
   local user files
@@ -260,12 +292,16 @@ check_contents() {
   "$engine" image inspect --format '{{json .Config.Healthcheck}}' "$ref" |
     jq -e '.Test | join(" ") | test("/health")' >/dev/null ||
     fail 'the image has no HEALTHCHECK on /health (podman builds need --format docker)'
-  files=$(timeout 60 "$engine" run --rm --network none --user 0 --entrypoint sh "$ref" \
-    -c "$contents_probe" 2>"$work/contents.err") ||
+  files=$(timeout 60 "$engine" run --rm --network none --user 0 -e SBOM_PATH="$sbom_in_image" \
+    --entrypoint sh "$ref" -c "$contents_probe" 2>"$work/contents.err") ||
     fail "image contents: $(cat "$work/contents.err")"
+  sbom_sha=${files%%$'\n'*}
+  files=${files#*$'\n'}
   files=${files//$'\n'/ }
   [[ $files == 'cars.py data' ]] || fail "/app holds '$files', expected only cars.py and data"
-  say "contents: numeric user $user, HEALTHCHECK on /health, no compiler, no test tools, no .git"
+  say "contents: numeric user $user, HEALTHCHECK on /health, no compiler, no C headers, no pip," \
+    "no test tools, no .git"
+  check_sbom "$sbom_sha"
 }
 
 # A free TCP port on the host (published port, or the listening port of the host-network run),
@@ -325,6 +361,7 @@ fi
 cat <<SUMMARY
 image-test: PASSED $ref
   image size:     $((size / 1000000)) MB ($size bytes)
+  SBOM:           $sbom_file
   start to ready: $store_ready_ms ms, \`start\` to the first 200 on /health (limit $READY_LIMIT_MS)
   stop:           $store_stop_ms ms after SIGTERM, exit code 0 (limit $STOP_LIMIT_MS)
   MySQL run:      $mysql_result

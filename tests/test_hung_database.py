@@ -10,7 +10,6 @@ import threading
 import time
 
 import pymysql
-import pytest
 from conftest import MYSQL, mysql_env
 
 DB_TIMEOUT = 1.0

@@ -148,13 +148,16 @@ def test_the_test_job_also_tests_the_image_with_mysql(ci: dict) -> None:
     assert [step for step in test_job["steps"] if step.get("run") == "make image-test"]
 
 
-def test_every_job_uses_python_3_13_and_only_the_test_job_caches_pip(
+def test_every_job_uses_the_images_python_and_only_the_test_job_caches_pip(
     workflows: dict[str, dict], ci: dict
 ) -> None:
-    # Python 3.13 on Debian 13 is the image's runtime (issue 12).
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    # The default base is named in the Dockerfile's `upstream` stage (where Dependabot reads it).
+    image_python = re.search(r"^FROM python:(\d+\.\d+)-\S+ AS upstream$", dockerfile, re.MULTILINE)
+    assert image_python, "the Dockerfile names its default python image"
     for name, job_id, job in jobs(workflows):
         for setup in steps_using(job, "actions/setup-python"):
-            assert setup["with"]["python-version"] == "3.13", f"{name} {job_id}"
+            assert setup["with"]["python-version"] == image_python[1], f"{name} {job_id}"
     [test_job] = jobs_running(ci, "make test")
     [setup] = steps_using(test_job, "actions/setup-python")
     assert setup["with"]["cache"] == "pip"
