@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -94,11 +95,12 @@ def test_start_up_log_names_the_store_and_warns_without_token(run_server):
 
 
 def test_token_from_environment_protects_writes(run_server):
-    server = run_server({"API_TOKEN": "from-env-token-0123456789abcdefghij"})
+    token = secrets.token_hex(16)
+    server = run_server({"API_TOKEN": token})
     assert call(server, "POST", "/cars", GOLF)[0] == 401
-    auth = {"Authorization": "Bearer from-env-token-0123456789abcdefghij"}
+    auth = {"Authorization": f"Bearer {token}"}
     assert call(server, "POST", "/cars", GOLF, auth)[0] == 201
-    assert "from-env-token-0123456789abcdefghij" not in server.log()
+    assert token not in server.log()
 
 
 @pytest.mark.parametrize(
