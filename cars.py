@@ -274,18 +274,6 @@ def configure_logging(level):
     return handler
 
 
-def access_line(fields):
-    """Write the access line straight to the JSON handler: a logging record costs more."""
-    handler = JsonLineHandler.active
-    if handler is None:  # logging not configured (tests drive the WSGI app in-process)
-        log.info("request", extra={"fields": fields})
-        return
-    entry = {"time": log_time(time.time()), "level": "INFO", "logger": "cars"}
-    entry["message"] = "request"
-    entry.update(fields)
-    handler.put(to_json(entry))
-
-
 # -- Storage -------------------------------------------------------------------------------------
 
 MYSQL_SCHEMA = """
@@ -657,14 +645,22 @@ def start_request():
 
 @app.hook("after_request")
 def finish_request():
-    """Echo the request id and write the access line, with its audit fields."""
+    """Echo the request id and write the access line."""
     environ = request.environ
     request_id = environ.get("cars.request_id", "")
     response.set_header("X-Request-Id", request_id)
-    if not log.isEnabledFor(logging.INFO):
-        return
+    if log.isEnabledFor(logging.INFO):
+        access_line(environ, request_id)
+
+
+def access_line(environ, request_id):
+    """Queue the access line, with its audit fields, as JSON: no logging record, no write."""
     started = environ.get("cars.start", time.perf_counter())
-    fields = {
+    entry = {
+        "time": log_time(time.time()),
+        "level": "INFO",
+        "logger": log.name,
+        "message": "request",
         "method": environ["REQUEST_METHOD"],
         "path": request.path,
         "status": response.status_code,
@@ -672,11 +668,13 @@ def finish_request():
         "request_id": request_id,
     }
     for name, key, limit in AUDIT_FIELDS:  # environ never raises on bytes that are not UTF-8
-        value = environ.get(key)
-        fields[name] = value[:limit] if value is not None else None
-    if fields["method"] in WRITE_METHODS:
-        fields["auth"] = environ.get("cars.auth", "none")
-    access_line(fields)
+        entry[name] = environ.get(key, "")[:limit] or None
+    if entry["method"] in WRITE_METHODS:
+        entry["auth"] = environ.get("cars.auth", "none")
+    if JsonLineHandler.active is None:  # logging not configured: the WSGI app driven in-process
+        log.info("request", extra={"fields": entry})
+    else:
+        JsonLineHandler.active.put(to_json(entry))
 
 
 def authorize():
