@@ -556,6 +556,14 @@ def compare_peers(
             cmd = peer_command(system, port, threads)
             ready_path = ready.replace("{id}", str(ids.start))
             servers[system] = Server.start(name, cmd, peer_env, workdir, ready_path)
+        path = f"/cars/{ids.start}"
+        answers = {
+            s: json.loads(request(server.port, "GET", path)[1])
+            for s, server in servers.items()
+            if s != CEILING
+        }
+        if len({json.dumps(a, sort_keys=True) for a in answers.values()}) != 1:
+            raise BenchError(f"the systems answer GET {path} differently: {answers}")
         systems = list(servers)
         for number in range(args.rounds):
             shift = number % len(systems)
