@@ -564,6 +564,8 @@ def compare_peers(
         }
         if len({json.dumps(a, sort_keys=True) for a in answers.values()}) != 1:
             raise BenchError(f"the systems answer GET {path} differently: {answers}")
+        for system in PEERS:  # open their connections and warm up, unmeasured, as cars.py did
+            run_wrk(servers[system], "GET", "/cars/{id}", ids, 3, CONNECTIONS, "")
         systems = list(servers)
         for number in range(args.rounds):
             shift = number % len(systems)
