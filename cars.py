@@ -139,11 +139,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class JsonLineHandler(logging.Handler):
-    """Queue JSON lines and write them to stdout in batches, whole and in order.
+    """Write JSON lines to stdout, whole and in order; access lines in batches.
 
-    A request only appends to a deque: no lock, no system call, nothing that lets go of the GIL.
-    A thread writes what has queued every LOG_FLUSH_INTERVAL, and flush() (at exit, on SIGTERM)
-    writes the rest. One lock serialises every write of the process, so no line is torn.
+    An access line only appends to a deque: no lock, no system call, nothing that lets go of the
+    GIL. A thread writes what has queued every LOG_FLUSH_INTERVAL; any other record, and flush()
+    (at exit, on SIGTERM), writes the queue at once. One lock serialises every write of the
+    process, so no line is torn.
     """
 
     active = None  # the handler configure_logging installed; the access line writes to it
@@ -156,9 +157,10 @@ class JsonLineHandler(logging.Handler):
         threading.Thread(target=self.keep_writing, name="log-writer", daemon=True).start()
 
     def emit(self, record):
-        """Queue one record."""
+        """Write one record now, after the queued lines: only the access line waits for a batch."""
         try:
-            self.put(self.format(record))
+            self.pending.append(self.format(record))
+            self.flush()
         except Exception:  # logging's contract: a broken record must not break the caller
             self.handleError(record)
 

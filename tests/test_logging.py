@@ -186,6 +186,13 @@ def test_no_access_line_is_lost_when_the_server_stops(run_server, signum):
     assert lines_of(server.log())[-1]["message"] == "stopped"
 
 
+def test_lines_other_than_access_lines_are_written_at_once(run_server):
+    server = run_server()  # returns as soon as /health answers: no time for a batch to go out
+    messages = [e["message"] for e in lines_of(server.log())]
+    assert "listening" in messages
+    assert any("API_TOKEN is not set" in m for m in messages)
+
+
 def test_sigkill_loses_only_lines_younger_than_the_flush_interval(run_server):
     server = run_server()
     sent = burst(server.port, 100)
