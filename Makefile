@@ -105,7 +105,7 @@ fmt: $(DEV) ## Format the Python code and apply ruff's safe fixes.
 	$(VENV)/bin/ruff check --fix .
 
 .PHONY: bench
-bench: $(DEV) ## Measure throughput, latency, CPU and memory against the bare Bottle + Waitress ceiling.
+bench: $(DEV) ## Measure throughput, latency, CPU and memory against the Bottle + Waitress ceiling, Flask and FastAPI.
 	$(VENV)/bin/python scripts/bench.py
 
 .PHONY: drill

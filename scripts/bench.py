@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Measure cars.py against the ceiling of its own stack (a bare Bottle + Waitress app) with wrk.
+"""Measure cars.py against the ceiling of its own stack and against its peers, with wrk.
 
 Run it with `make bench`. It starts a bare "hello" app and cars.py (on MySQL and on SQLite), seeds
 rows, drives each scenario with wrk from a separate process at 16 connections for a fixed time,
-samples the server's CPU and memory from /proc/<pid>, prints one table and checks the targets.
+samples the server's CPU and memory from /proc/<pid>, prints the tables and checks the targets.
+On MySQL it also runs GET /cars/{id} in interleaved rounds against cars.py with LOG_LEVEL=warning,
+Flask on gunicorn and FastAPI on uvicorn (scripts/bench_peers.py), all on the same table.
 Every process listens on 127.0.0.1 and is stopped before the script exits.
 
-Environment: BENCH_DURATION (seconds per scenario, default 10), THREADS (server threads, default 8),
-MYSQL_HOST / MYSQL_PORT / MYSQL_USER / MYSQL_PASSWORD (default 127.0.0.1:3306 root, no password).
+Environment: BENCH_DURATION (seconds per scenario, default 10), BENCH_ROUNDS (rounds of the peer
+comparison, default 3), THREADS (server threads, default 8), MYSQL_HOST / MYSQL_PORT / MYSQL_USER /
+MYSQL_PASSWORD (default 127.0.0.1:3306 root, no password).
 Exit status: 0 when every target is met, 1 when one is missed, 2 when it cannot run.
 """
 
@@ -43,6 +46,9 @@ LIST_LIMIT = 50
 PY_SPY = Path(sys.executable).parent / "py-spy"
 TICKS = os.sysconf("SC_CLK_TCK")
 TARGETS = {
+    "access_line": 0.95,  # point reads, LOG_LEVEL=info vs LOG_LEVEL=warning, same rounds
+    "vs_flask": 1.2,  # point reads on MySQL with the access line on, vs Flask + gunicorn
+    "vs_fastapi": 0.8,  # the same vs FastAPI + uvicorn + aiomysql
     "point_ratio": 0.50,  # GET /cars/{id} requests/s vs the ceiling's
     "list_ratio": 0.30,  # GET /cars?limit=50 requests/s vs the ceiling's
     "point_p99_ms": 10.0,
@@ -125,7 +131,9 @@ class Server:
     logfile: Path
 
     @classmethod
-    def start(cls, name: str, cmd: list[str], env: dict[str, str], workdir: Path) -> Server:
+    def start(
+        cls, name: str, cmd: list[str], env: dict[str, str], workdir: Path, ready: str = "/health"
+    ) -> Server:
         port = int(env["PORT"])
         logfile = workdir / f"{name}.log"
         with logfile.open("wb") as out:
@@ -133,7 +141,7 @@ class Server:
                 cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         server = cls(name, proc, f"http://127.0.0.1:{port}", port, logfile)
-        server.wait_ready("/health" if name != "hello" else "/")
+        server.wait_ready(ready)
         return server
 
     def wait_ready(self, path: str, timeout: float = 30) -> None:
@@ -147,17 +155,39 @@ class Server:
             time.sleep(0.1)
         raise BenchError(f"{self.name} did not answer {path} within {timeout} s")
 
+    def pids(self) -> list[int]:
+        """The process and its children: gunicorn serves from a worker under its master."""
+        parents = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = stat.read_text()
+                parents.setdefault(int(text[text.rindex(")") + 2 :].split()[1]), []).append(
+                    int(stat.parent.name)
+                )
+        found, todo = [], [self.proc.pid]
+        while todo:
+            found.append(pid := todo.pop())
+            todo += parents.get(pid, [])
+        return found
+
     def cpu_seconds(self) -> float:
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # fields after the command name
-        return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # a child that just exited
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()  # fields after the command name
+                total += (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+        return total
 
     def memory_mb(self, key: str) -> float:
-        """VmRSS (now) or VmHWM (peak) of the process, in MiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-        raise KeyError(key)
+        """VmRSS (now) or VmHWM (peak) of the process and its children, in MiB."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def settle(self, timeout: float = 15) -> None:
         """Wait until the process is idle: requests wrk left queued have finished."""
@@ -216,6 +246,7 @@ class Report:
     rss_after: dict[str, float] = field(default_factory=dict)
     ceilings: list[Row] = field(default_factory=list)
     unloaded: dict[str, tuple[float, float]] = field(default_factory=dict)
+    peers: dict[str, list[Row]] = field(default_factory=dict)  # system -> one row per round
 
 
 def run_wrk(
@@ -438,13 +469,15 @@ def bench_store(
 ) -> None:
     """Seed, run every scenario (each right after a ceiling run of the same length), check pages."""
     seconds = args.duration
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_hex(16)  # 32 characters: cars.py refuses shorter tokens
     env = {**os.environ, **store.env(), "HOST": "127.0.0.1", "PORT": str(free_port())}
-    env["API_TOKEN"] = token
+    env.update(API_TOKEN=token, LOG_LEVEL="INFO")
     log(f"cars.py on {store.name}: seeding {SEED_ROWS} cars")
     server = Server.start(f"cars-{store.name}", [sys.executable, "cars.py"], env, workdir)
     try:
         ids = seed_api(server, SEED_ROWS, token)
+        if store.name == "mysql":
+            compare_peers(server, env, ids, hello, report, args, workdir)
         scenarios = [
             ("GET /cars/{id}", "GET", "/cars/{id}"),
             (f"GET /cars?limit={LIST_LIMIT}", "GET", f"/cars?limit={LIST_LIMIT}"),
@@ -469,6 +502,84 @@ def bench_store(
     finally:
         server.stop()
         store.close()
+
+
+PEERS = {  # system -> (command, ready path); the commands run from the repository's root
+    "cars.py LOG_LEVEL=warning": ([sys.executable, "cars.py"], "/health"),
+    "Flask + gunicorn": (
+        [sys.executable, "-m", "gunicorn", "--chdir", "scripts", "--worker-class", "gthread"],
+        "/cars/{id}",
+    ),
+    "FastAPI + uvicorn": (
+        [sys.executable, "-m", "uvicorn", "--app-dir", "scripts", "--factory", "--no-access-log"],
+        "/cars/{id}",
+    ),
+}
+CARS_INFO = "cars.py LOG_LEVEL=info"
+CEILING = "hello (ceiling, GET /)"
+
+
+def peer_command(system: str, port: int, threads: str) -> list[str]:
+    """The full command line of a peer: one process (one gunicorn worker), THREADS threads."""
+    cmd = list(PEERS[system][0])
+    bind = ["--host", "127.0.0.1", "--port", str(port)]
+    if "gunicorn" in system:
+        cmd += ["--workers", "1", "--threads", threads, "--bind", f"127.0.0.1:{port}"]
+        cmd += ["bench_peers:flask_app()"]
+    elif "uvicorn" in system:
+        cmd += [*bind, "--log-level", "warning", "bench_peers:fastapi_app"]
+    return cmd
+
+
+def compare_peers(
+    cars: Server,
+    env: dict[str, str],
+    ids: range,
+    hello: Server,
+    report: Report,
+    args: argparse.Namespace,
+    workdir: Path,
+) -> None:
+    """GET /cars/{id} on the same table: cars.py at info and warning, Flask, FastAPI, in rounds.
+
+    Each round runs every system once for the same time, starting one place later than the last
+    round, so that a machine that speeds up or slows down treats all of them alike.
+    """
+    threads = env.get("THREADS", "8")
+    servers = {CEILING: hello, CARS_INFO: cars}
+    log(f"peers on mysql: {', '.join(PEERS)}; {args.rounds} rounds of {args.duration} s")
+    try:
+        for system, (_, ready) in PEERS.items():
+            port = free_port()
+            peer_env = {**env, "PORT": str(port), "LOG_LEVEL": "WARNING"}
+            name = re.sub(r"[^a-z0-9]+", "-", system.lower()).strip("-")
+            cmd = peer_command(system, port, threads)
+            ready_path = ready.replace("{id}", str(ids.start))
+            servers[system] = Server.start(name, cmd, peer_env, workdir, ready_path)
+        path = f"/cars/{ids.start}"
+        answers = {
+            s: json.loads(request(server.port, "GET", path)[1])
+            for s, server in servers.items()
+            if s != CEILING
+        }
+        if len({json.dumps(a, sort_keys=True) for a in answers.values()}) != 1:
+            raise BenchError(f"the systems answer GET {path} differently: {answers}")
+        for system in PEERS:  # open their connections and warm up, unmeasured, as cars.py did
+            run_wrk(servers[system], "GET", "/cars/{id}", ids, 3, CONNECTIONS, "")
+        systems = list(servers)
+        for number in range(args.rounds):
+            shift = number % len(systems)
+            for system in systems[shift:] + systems[:shift]:
+                server = servers[system]
+                method, path = ("GET", "/") if system == CEILING else ("GET", "/cars/{id}")
+                profile = args.profile if system.startswith("cars.py") else None
+                label = f"round {number + 1}"
+                row = measure(server, system, label, method, path, ids, args.duration, "", profile)
+                report.peers.setdefault(system, []).append(row)
+    finally:
+        for system, server in servers.items():
+            if system not in (CEILING, CARS_INFO):
+                server.stop()
 
 
 def first_pages(server: Server, store: Store, ids: range, seconds: int) -> dict[int, float]:
@@ -502,7 +613,7 @@ def ceiling_row(runs: list[Row]) -> Row:
     )
 
 
-def print_report(report: Report) -> list[str]:
+def print_report(report: Report, seconds: int) -> list[str]:
     ceiling = ceiling_row(report.ceilings)
     # One Markdown table, aligned for the terminal: the README pastes it as it is.
     columns = [
@@ -540,7 +651,60 @@ def print_report(report: Report) -> list[str]:
         print(f"{store:<7} GET /cars/{{id}} at 1 connection: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     for store, rss in report.rss_after.items():
         print(f"{store:<7} server RSS after the run: {rss:.1f} MB")
+    print_peers(report, seconds)
     return check_targets(report, ceiling)
+
+
+def round_ratio(report: Report, top: str, bottom: str) -> float:
+    """Median over the rounds of top's requests/s divided by bottom's in the same round."""
+    pairs = zip(report.peers[top], report.peers[bottom], strict=True)
+    return statistics.median(a.rps / b.rps for a, b in pairs)
+
+
+def print_peers(report: Report, seconds: int) -> None:
+    """The side-by-side table: medians over the rounds; ratios are medians of per-round ratios."""
+    if not report.peers:
+        return
+    rounds = len(report.peers[CARS_INFO])
+    print(
+        f"\nGET /cars/{{id}} on MySQL, the same table for all, {CONNECTIONS} connections, "
+        f"{rounds} interleaved rounds of {seconds} s (medians; ratios are medians of the "
+        "per-round ratios)\n"
+    )
+    columns = [
+        ("system", 26),
+        ("req/s", 6),
+        ("range", 11),
+        ("cars.py info ÷ it", 17),
+        ("vs ceiling", 10),
+        ("p50 ms", 6),
+        ("p99 ms", 6),
+        ("CPU µs/req", 10),
+        ("peak RSS MB", 11),
+        ("errors", 6),
+    ]
+    print("| " + " | ".join(name.ljust(width) for name, width in columns) + " |")
+    rules = ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, (_, w) in enumerate(columns)]
+    print("| " + " | ".join(rules) + " |")
+    for system, rows in report.peers.items():
+        rps = [r.rps for r in rows]
+        values = [
+            system,
+            f"{statistics.median(rps):.0f}",
+            f"{min(rps):.0f}-{max(rps):.0f}",
+            f"{round_ratio(report, CARS_INFO, system):.2f}x",
+            f"{round_ratio(report, system, CEILING):.0%}",
+            f"{statistics.median(r.p50_ms for r in rows):.2f}",
+            f"{statistics.median(r.p99_ms for r in rows):.2f}",
+            f"{statistics.median(r.cpu_us for r in rows):.0f}",
+            f"{max(r.peak_mb for r in rows):.1f}",
+            str(sum(r.errors for r in rows)),
+        ]
+        cells = [
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, (_, w)) in enumerate(zip(values, columns, strict=True))
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 def check_targets(report: Report, ceiling: Row) -> list[str]:
@@ -552,6 +716,19 @@ def check_targets(report: Report, ceiling: Row) -> list[str]:
             missed.append(text)
 
     print("\nTargets:")
+    if report.peers:
+        for system, key, word in (
+            ("cars.py LOG_LEVEL=warning", "access_line", "of"),
+            ("Flask + gunicorn", "vs_flask", "x"),
+            ("FastAPI + uvicorn", "vs_fastapi", "x"),
+        ):
+            ratio, target = round_ratio(report, CARS_INFO, system), TARGETS[key]
+            goal = f"{target:.0%} of" if word == "of" else f"{target}x"
+            text = f"mysql point reads, LOG_LEVEL=info: >= {goal} {system} ({ratio:.2f}x)"
+            check(ratio >= target, text)
+        for system, rows in report.peers.items():
+            if errors := sum(r.errors for r in rows):
+                check(False, f"{system} point reads: {errors} failed requests")
     for row in report.rows:
         if row.errors:
             check(False, f"{row.store} {row.scenario}: {row.errors} failed requests")
@@ -584,6 +761,12 @@ def main() -> int:
         type=int,
         default=int(os.environ.get("BENCH_DURATION", "10")),
         help="seconds of load per scenario (env BENCH_DURATION, default 10)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=int(os.environ.get("BENCH_ROUNDS", "3")),
+        help="interleaved rounds of the peer comparison on MySQL (env BENCH_ROUNDS, default 3)",
     )
     parser.add_argument(
         "--stores",
@@ -633,6 +816,7 @@ def main() -> int:
             [sys.executable, __file__, "--hello-server", str(port), threads],
             {**os.environ, "PORT": str(port)},
             workdir,
+            ready="/",
         )
         try:
             for store in todo:
@@ -645,7 +829,7 @@ def main() -> int:
         f"THREADS={threads}, {CONNECTIONS} connections, {args.duration} s per scenario, "
         f"wrk {WRK_THREADS} threads\n"
     )
-    missed = print_report(report)
+    missed = print_report(report, args.duration)
     if missed:
         print(f"\n{len(missed)} target(s) missed.")
         return 1
