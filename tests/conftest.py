@@ -1,6 +1,7 @@
 """Shared fixtures: the app over both stores, a throwaway MySQL database, real server processes."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -46,6 +47,22 @@ def mysql_env(database):
         "MYSQL_PASSWORD": MYSQL["password"],
         "MYSQL_DATABASE": database,
     }
+
+
+def image_manifest(config_digest):
+    """Return the JSON text of an OCI image manifest (Docker v2) whose config has this digest."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "size": 7023,
+                "digest": config_digest,
+            },
+            "layers": [],
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 import boto3
 import pytest
 from cfnlint.decode import decode
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, image_manifest
 from test_verify import ENGINE
 
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -155,19 +155,8 @@ def stub(aws_env, moto_url):
     cfn.create_stack(StackName="cars-api-stub", TemplateBody=json.dumps(STUB))
     ecr = client("ecr", moto_url)
     for tag in (SHA_A, SHA_B):
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "config": {
-                "mediaType": "application/vnd.docker.container.image.v1+json",
-                "size": 7023,
-                "digest": "sha256:" + tag[:8] * 8,
-            },
-            "layers": [],
-        }
-        ecr.put_image(
-            repositoryName="cars-api-stub", imageManifest=json.dumps(manifest), imageTag=tag
-        )
+        manifest = image_manifest("sha256:" + tag[:8] * 8)
+        ecr.put_image(repositoryName="cars-api-stub", imageManifest=manifest, imageTag=tag)
         time.sleep(1.1)  # distinct push times, so that newest-first is observable
     logs = client("logs", moto_url)
     stream = "cars-api/cars-api/0123456789abcdef0123456789abcdef"

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,16 +137,16 @@ class MariaDB:
         }
 
 
-@pytest.fixture(scope="module")
-def private_mariadb():
-    """Install and start a throwaway MariaDB; kill it and delete its files at the end."""
+@contextmanager
+def throwaway_mariadb(options=()):
+    """Install and start a private MariaDB; kill it and delete its files at the end."""
     if not (MARIADBD and INSTALL_DB):
-        reason = "the database drills need mariadbd and mariadb-install-db (Debian: mariadb-server)"
+        reason = "a private MariaDB needs mariadbd and mariadb-install-db (Debian: mariadb-server)"
         if IN_CI:
             pytest.fail(reason)
-        pytest.skip(f"{reason}; CI always runs them")
+        pytest.skip(f"{reason}; CI always runs these tests")
     base = Path(tempfile.mkdtemp(prefix="cars-mdb-"))  # short: the socket path has a length cap
-    server = MariaDB(base)
+    server = MariaDB(base, options)
     try:
         server.install()
         server.start()
@@ -154,6 +155,13 @@ def private_mariadb():
         if server.running():
             server.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_mariadb():
+    """A throwaway MariaDB for the drills of one module."""
+    with throwaway_mariadb() as server:
+        yield server
 
 
 @pytest.fixture

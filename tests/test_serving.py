@@ -71,9 +71,7 @@ def probe_health(port, count, pause=0.05):
 
 
 def test_health_answers_at_once_while_every_worker_waits_for_a_silent_database(run_server, gate):
-    server = run_server(
-        {"MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(gate.port), "THREADS": "4"}
-    )
+    server = run_server({"MYSQL_HOST": "127.0.0.1", "MYSQL_PORT": str(gate.port), "THREADS": "4"})
     results = []
 
     def ready():
@@ -225,14 +223,20 @@ def test_connections_waiting_in_the_backlog_at_sigterm_are_served(run_server):
     assert server.stop() == 0
 
 
-def test_responses_during_the_drain_say_connection_close(run_server, tmp_path):
-    server = run_server({"DB_TIMEOUT": "8"})
-    assert request(server.port, "GET", "/cars")[0] == 200
+def post_waiting_on_a_lock(server, tmp_path):
+    """Send a POST that waits inside the app on a SQLite write lock; return (lock, connection)."""
+    assert request(server.port, "GET", "/cars")[0] == 200  # the table exists before we lock it
     blocker = sqlite3.connect(tmp_path / f"{server.port}.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/cars", json.dumps(GOLF), {"Content-Type": "application/json"})
-    time.sleep(0.5)
+    time.sleep(0.5)  # the request is in a worker now, waiting for the lock
+    return blocker, conn
+
+
+def test_responses_during_the_drain_say_connection_close(run_server, tmp_path):
+    server = run_server({"DB_TIMEOUT": "8"})
+    blocker, conn = post_waiting_on_a_lock(server, tmp_path)
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     blocker.execute("ROLLBACK")
@@ -246,13 +250,8 @@ def test_responses_during_the_drain_say_connection_close(run_server, tmp_path):
 
 def test_a_second_signal_during_the_drain_ends_the_process_promptly(run_server, tmp_path):
     server = run_server({"DB_TIMEOUT": "8"})
-    assert request(server.port, "GET", "/cars")[0] == 200
-    blocker = sqlite3.connect(tmp_path / f"{server.port}.db", isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    blocker, conn = post_waiting_on_a_lock(server, tmp_path)
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        conn.request("POST", "/cars", json.dumps(GOLF), {"Content-Type": "application/json"})
-        time.sleep(0.5)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert server.proc.poll() is None
@@ -263,6 +262,7 @@ def test_a_second_signal_during_the_drain_ends_the_process_promptly(run_server, 
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+        conn.close()
     lines = [json.loads(line) for line in server.log().splitlines()]
     assert any("second signal" in line["message"] for line in lines)
 

@@ -7,19 +7,15 @@ CA stands for a wrong bundle, and 127.0.0.1 for a wrong host name.
 import datetime
 import http.client
 import json
-import shutil
-import tempfile
 import uuid
-from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import IN_CI
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_drills import INSTALL_DB, MARIADBD, MariaDB
+from test_drills import throwaway_mariadb
 
 import cars
 
@@ -56,48 +52,35 @@ def pem(cert):
 
 
 @pytest.fixture(scope="module")
-def tls_mariadb():
+def tls_mariadb(tmp_path_factory):
     """A private MariaDB with require_secure_transport and a certificate for `localhost`."""
-    if not (MARIADBD and INSTALL_DB):
-        reason = "the TLS tests need mariadbd and mariadb-install-db (Debian: mariadb-server)"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(f"{reason}; CI always runs them")
-    base = Path(tempfile.mkdtemp(prefix="cars-tls-"))
+    certs = tmp_path_factory.mktemp("tls")
     ca_key, ca = make_ca("cars-api test CA")
     _, rogue = make_ca("cars-api rogue CA")
     server_key = ec.generate_private_key(ec.SECP256R1())
     server = certificate(
         "localhost", ca.subject, ca_key, server_key.public_key(), ca=False, names=["localhost"]
     )
-    (base / "ca.pem").write_bytes(pem(ca))
-    (base / "rogue.pem").write_bytes(pem(rogue))
-    (base / "server.pem").write_bytes(pem(server))
-    (base / "server.key").write_bytes(
+    (certs / "ca.pem").write_bytes(pem(ca))
+    (certs / "rogue.pem").write_bytes(pem(rogue))
+    (certs / "server.pem").write_bytes(pem(server))
+    (certs / "server.key").write_bytes(
         server_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
     )
-    mariadb = MariaDB(
-        base,
-        options=[
-            f"--ssl-ca={base / 'ca.pem'}",
-            f"--ssl-cert={base / 'server.pem'}",
-            f"--ssl-key={base / 'server.key'}",
-            "--require-secure-transport=ON",
-            "--tls-version=TLSv1.2,TLSv1.3",
-        ],
-    )
-    try:
-        mariadb.install()
-        mariadb.start()
+    options = [
+        f"--ssl-ca={certs / 'ca.pem'}",
+        f"--ssl-cert={certs / 'server.pem'}",
+        f"--ssl-key={certs / 'server.key'}",
+        "--require-secure-transport=ON",
+        "--tls-version=TLSv1.2,TLSv1.3",
+    ]
+    with throwaway_mariadb(options) as mariadb:
+        mariadb.certs = certs
         yield mariadb
-    finally:
-        if mariadb.running():
-            mariadb.kill()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def tls_env(mariadb, host, ca):
@@ -126,13 +109,13 @@ def test_the_server_refuses_a_connection_without_tls(tls_mariadb):
 
 
 def test_the_right_ca_and_host_name_connect(run_server, tls_mariadb):
-    server = run_server(tls_env(tls_mariadb, "localhost", tls_mariadb.base / "ca.pem"))
+    server = run_server(tls_env(tls_mariadb, "localhost", tls_mariadb.certs / "ca.pem"))
     assert get(server, "/ready")[0] == 200
     assert get(server, "/cars") == (200, [])
 
 
 def test_the_ca_can_be_given_as_pem_text(run_server, tls_mariadb):
-    ca_text = (tls_mariadb.base / "ca.pem").read_text()
+    ca_text = (tls_mariadb.certs / "ca.pem").read_text()
     server = run_server(tls_env(tls_mariadb, "localhost", ca_text))
     assert get(server, "/ready")[0] == 200
 
@@ -148,7 +131,7 @@ def test_the_ca_can_be_given_as_pem_text(run_server, tls_mariadb):
 def test_a_wrong_ca_or_host_name_is_a_503_and_a_clear_log_line(
     run_server, tls_mariadb, host, ca, reason
 ):
-    server = run_server(tls_env(tls_mariadb, host, tls_mariadb.base / ca))
+    server = run_server(tls_env(tls_mariadb, host, tls_mariadb.certs / ca))
     status, body = get(server, "/ready")
     assert status == 503
     assert body["status"] == 503

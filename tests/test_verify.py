@@ -14,7 +14,7 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, image_manifest
 
 RECORDED = ROOT / "tests" / "aws"
 HELPER = ROOT / "scripts" / "deploy_state.py"
@@ -475,23 +475,13 @@ NOT_FOUND = {
 
 def batch_image(config_digest):
     """A BatchGetImage answer for NEW whose manifest names config_digest."""
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {
-            "mediaType": "application/vnd.docker.container.image.v1+json",
-            "size": 7023,
-            "digest": config_digest,
-        },
-        "layers": [],
-    }
     answer = {
         "images": [
             {
                 "registryId": "123456789012",
                 "repositoryName": "cars-api-base-repository-7kq2xv9lmd3a",
                 "imageId": {"imageDigest": NEW_DIGEST, "imageTag": NEW},
-                "imageManifest": json.dumps(manifest),
+                "imageManifest": image_manifest(config_digest),
             }
         ],
         "failures": [],
