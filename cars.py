@@ -517,6 +517,9 @@ class Database:
         self.errors = (pymysql.err.Error,) if self.mysql else (sqlite3.Error,)
         self.local = threading.local()
         self.schema_ready = False  # no lock: creating the schema twice at once is harmless
+        # SQLite only, local and quick: switching a new file to WAL fails at once ("database is
+        # locked", no busy wait) while another connection switches it too, so opens take turns.
+        self.sqlite_open_lock = threading.Lock()
         self.tls = tls_context(settings.mysql_ssl_ca)
 
     def describe(self):
@@ -540,8 +543,9 @@ class Database:
         """Open a new connection with the timeouts that keep requests bounded."""
         s = self.settings
         if not self.mysql:
-            conn = sqlite3.connect(s.sqlite_path, timeout=s.db_timeout, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            with self.sqlite_open_lock:
+                conn = sqlite3.connect(s.sqlite_path, timeout=s.db_timeout, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         lock_wait, socket_timeout = self.timeouts()
@@ -581,8 +585,10 @@ class Database:
                 for statement in MYSQL_SCHEMA:
                     cur.execute(statement)
         else:
+            # In one IMMEDIATE transaction, like every write: all tables or none, and threads
+            # creating the schema at once wait their turn (busy timeout).
             with self.open() as conn:
-                conn.executescript(SQLITE_SCHEMA)
+                conn.executescript(f"BEGIN IMMEDIATE;\n{SQLITE_SCHEMA}COMMIT;")
             conn.close()
         self.schema_ready = True
 

@@ -324,3 +324,27 @@ def test_slow_body_upload_holds_no_row_lock(run_server, mysql_database):
         slow.sendall(body[5:])
         answer = slow.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 412")  # the PUT changed the ETag the PATCH named
+
+
+def test_many_threads_creating_the_sqlite_schema_at_once_never_see_a_locked_database(tmp_path):
+    # A race, so many rounds: before SQLite opens took turns, a few rounds in a hundred failed
+    # at once with "database is locked" while switching the new file to WAL (a 503 at start-up).
+    failures = []
+    for round_ in range(200):
+        settings = cars.load_settings({"SQLITE_PATH": str(tmp_path / f"{round_}.db")})
+        database = cars.Database(settings)
+        barrier = threading.Barrier(16)
+
+        def create(database=database, barrier=barrier):
+            barrier.wait()
+            try:
+                database.create_schema()
+            except sqlite3.Error as exc:
+                failures.append(str(exc))
+
+        threads = [threading.Thread(target=create) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not failures, failures[:3]
