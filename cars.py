@@ -74,6 +74,7 @@ MAX_QUEUE_TIMEOUT = 1.0
 SHUTDOWN_GRACE = 2 * MAX_DB_TIMEOUT + MAX_QUEUE_TIMEOUT + 1
 THREAD_JOIN = 1.0
 SETTLE = 0.2  # seconds the drain keeps reading, so that requests already sent are served
+STREAM_HELP = 64 * 1024  # bytes queued by a busy worker past which the event loop helps send
 
 log = logging.getLogger("cars")
 
@@ -1457,6 +1458,20 @@ class Channel(waitress.channel.HTTPChannel):
 
     task_class = Task
     error_task_class = ProblemTask
+
+    def writable(self):
+        """Leave a response to the worker that is still writing it, instead of polling for it.
+
+        While a worker serves a request, Waitress (send_bytes 1) calls its channel writable as
+        soon as part of the response is queued, and its event loop polls again and again without
+        being able to send: a spin that holds the GIL against the very workers it waits for
+        (measured: 79,000 polls in 4 s, the loop holding the GIL 92 % of the time, point reads
+        at a fifth of their speed). The worker sends what it writes itself and pulls the trigger
+        when it finishes, which wakes the loop for the rest. Big responses are still helped along.
+        """
+        if self.requests and self.total_outbufs_len < STREAM_HELP:
+            return self.will_close or self.close_when_flushed
+        return super().writable()
 
 
 class Dispatcher(ThreadedTaskDispatcher):
