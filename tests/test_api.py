@@ -308,26 +308,25 @@ def test_weak_etag_never_matches(testapp):
 # -- Unknown ids and paths -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw_id", ["999999", "0", "-1", "abc", "1.5", "9" * 30, "%D9%A3", "1e3"])
-@pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
-def test_unknown_or_malformed_id_is_404(testapp, method, raw_id):
-    url = f"/cars/{raw_id}"
+def expect_404(testapp, method, url, body):
+    """Send method to url (with body for PUT and PATCH) and check the 404 problem."""
     if method in ("put", "patch"):
-        res = getattr(testapp, f"{method}_json")(url, GOLF, status=404)
+        res = getattr(testapp, f"{method}_json")(url, body, status=404)
     else:
         res = getattr(testapp, method)(url, status=404)
     assert_problem(res, 404)
+
+
+@pytest.mark.parametrize("raw_id", ["999999", "0", "-1", "abc", "1.5", "9" * 30, "%D9%A3", "1e3"])
+@pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
+def test_unknown_or_malformed_id_is_404(testapp, method, raw_id):
+    expect_404(testapp, method, f"/cars/{raw_id}", GOLF)
 
 
 @pytest.mark.parametrize("method", ["get", "put", "patch", "delete"])
 def test_id_with_leading_zeros_is_404_so_each_car_has_one_url(testapp, method):
     car_id = add(testapp).json["id"]
-    url = f"/cars/00{car_id}"
-    if method in ("put", "patch"):
-        res = getattr(testapp, f"{method}_json")(url, POLO, status=404)
-    else:
-        res = getattr(testapp, method)(url, status=404)
-    assert_problem(res, 404)
+    expect_404(testapp, method, f"/cars/00{car_id}", POLO)
     assert testapp.get(f"/cars/{car_id}").json == {"id": car_id, **GOLF}
 
 
