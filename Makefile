@@ -74,6 +74,10 @@ $(LOCK_TOOL): tests/requirements-lock.txt
 run: $(RUNTIME) ## Serve the API on http://127.0.0.1:8080 (SQLite, or MySQL when MYSQL_HOST is set).
 	exec $(VENV)/bin/python cars.py
 
+.PHONY: migrate
+migrate: $(RUNTIME) ## Apply pending schema migrations to the store the environment names (MYSQL_*, or SQLITE_PATH).
+	$(VENV)/bin/python cars.py migrate
+
 .PHONY: test
 test: lint ## Run the linters and the whole test suite (what CI runs).
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

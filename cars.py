@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from typing import NamedTuple
 
 import bottle
@@ -93,10 +93,13 @@ class Settings(NamedTuple):
     mysql_ssl_ca: str | None
     sqlite_path: str
     api_token: str | None
+    api_token_previous: str | None
     log_level: str
     db_timeout: float
     queue_timeout: float
     anonymous_writes: bool
+    auto_migrate: bool
+    allow_unverified_mysql: bool
 
 
 def env_number(environ, name, default, kind, low, high):
@@ -111,31 +114,55 @@ def env_number(environ, name, default, kind, low, high):
     return value
 
 
-def load_settings(environ):
-    """Build the settings from environment variables."""
+def env_switch(environ, name, default):
+    """Read true or false from the environment (empty: the default), or stop with one line."""
+    raw = environ.get(name, "").strip().lower()
+    if raw not in ("", "true", "false"):
+        sys.exit(f"cars-api: {name} must be true or false, got {raw!r}")
+    return default if not raw else raw == "true"
+
+
+def load_settings(environ, serving=True):
+    """Build the settings from environment variables (serving: the API_TOKEN rule applies)."""
     level = environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         sys.exit(
             f"cars-api: LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}"
         )
+    mysql_host = environ.get("MYSQL_HOST", "").strip() or None
+    local_store = mysql_host is None or loopback(mysql_host)
     settings = Settings(
         host=environ.get("HOST", "").strip() or "127.0.0.1",
         port=env_number(environ, "PORT", 8080, int, 1, 65535),
         threads=env_number(environ, "THREADS", 8, int, 1, 256),
-        mysql_host=environ.get("MYSQL_HOST", "").strip() or None,
+        mysql_host=mysql_host,
         mysql_port=env_number(environ, "MYSQL_PORT", 3306, int, 1, 65535),
         mysql_user=environ.get("MYSQL_USER", "").strip() or "root",
         mysql_password=environ.get("MYSQL_PASSWORD", ""),
         mysql_database=environ.get("MYSQL_DATABASE", "").strip() or "cars",
         mysql_ssl_ca=environ.get("MYSQL_SSL_CA", "").strip() or None,
         sqlite_path=environ.get("SQLITE_PATH", "").strip() or "cars.db",
-        api_token=api_token(environ),
+        api_token=api_token(environ, "API_TOKEN"),
+        api_token_previous=api_token(environ, "API_TOKEN_PREVIOUS"),
         log_level=level,
         db_timeout=env_number(environ, "DB_TIMEOUT", 5, float, 0.5, MAX_DB_TIMEOUT),
         queue_timeout=env_number(environ, "QUEUE_TIMEOUT", 0.5, float, 0.05, MAX_QUEUE_TIMEOUT),
         anonymous_writes=environ.get("ALLOW_ANONYMOUS_WRITES", "").strip().lower() == "true",
+        auto_migrate=env_switch(environ, "AUTO_MIGRATE", local_store),
+        allow_unverified_mysql=env_switch(environ, "ALLOW_UNVERIFIED_MYSQL", False),
     )
-    if settings.api_token is None and not (loopback(settings.host) or settings.anonymous_writes):
+    if settings.api_token_previous is not None and settings.api_token is None:
+        sys.exit("cars-api: API_TOKEN_PREVIOUS is accepted only besides API_TOKEN; set both")
+    if not (local_store or settings.mysql_ssl_ca or settings.allow_unverified_mysql):
+        sys.exit(
+            f"cars-api: MYSQL_HOST {mysql_host} is not loopback, so MYSQL_SSL_CA is required to "
+            "verify its certificate; set ALLOW_UNVERIFIED_MYSQL=true to connect unverified anyway"
+        )
+    if (
+        serving
+        and settings.api_token is None
+        and not (loopback(settings.host) or settings.anonymous_writes)
+    ):
         sys.exit(
             f"cars-api: API_TOKEN is required when listening on {settings.host}, which is not "
             "loopback; set ALLOW_ANONYMOUS_WRITES=true to accept anonymous writes anyway"
@@ -151,14 +178,14 @@ def loopback(host):
         return False
 
 
-def api_token(environ):
-    """Read API_TOKEN, stripped once; stop if it is too short to be a secret."""
-    token = environ.get("API_TOKEN", "").strip()
+def api_token(environ, name):
+    """Read a bearer token setting, stripped once; stop if it is too short to be a secret."""
+    token = environ.get(name, "").strip()
     if not token:
         return None
     if len(token) < MIN_TOKEN or not token.isascii() or not token.isprintable() or " " in token:
         sys.exit(
-            f"cars-api: API_TOKEN must be at least {MIN_TOKEN} printable ASCII characters "
+            f"cars-api: {name} must be at least {MIN_TOKEN} printable ASCII characters "
             "without spaces (for example: openssl rand -hex 32)"
         )
     return token
@@ -373,25 +400,75 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """,
 )
 
-SQLITE_SCHEMA = """
+SQLITE_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS cars (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   brand TEXT NOT NULL,
   model TEXT NOT NULL,
   year INTEGER NOT NULL,
   version INTEGER NOT NULL DEFAULT 1
-);
-CREATE INDEX IF NOT EXISTS cars_brand ON cars (brand);
-CREATE INDEX IF NOT EXISTS cars_model ON cars (model);
-CREATE INDEX IF NOT EXISTS cars_year ON cars (year);
+)
+""",
+    "CREATE INDEX IF NOT EXISTS cars_brand ON cars (brand)",
+    "CREATE INDEX IF NOT EXISTS cars_model ON cars (model)",
+    "CREATE INDEX IF NOT EXISTS cars_year ON cars (year)",
+    """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
   idem_key TEXT NOT NULL PRIMARY KEY,
   fingerprint TEXT NOT NULL,
   car_id INTEGER NOT NULL,
   created_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
-"""
+)
+""",
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)",
+)
+
+
+class Migration(NamedTuple):
+    """One schema change, applied once and in order, and recorded in schema_migrations."""
+
+    version: int
+    description: str
+    mysql: tuple  # statements, run in order
+    sqlite: tuple
+    oldest_code: int  # the oldest code (named by its SCHEMA_VERSION) that still works after it
+
+
+# Expand/contract: a migration that only adds (a nullable column, a table, an index) keeps
+# oldest_code, so the previous release still runs and can be rolled back to; one that removes
+# or renames what older code uses raises oldest_code, and ships a release after the code that
+# stopped using it. Statements are idempotent (IF NOT EXISTS) where the engine allows, because
+# MySQL commits each DDL statement: a migration that fails halfway is simply run again.
+MIGRATIONS = (
+    # Version 1 is the schema that earlier releases created at first use: on their databases
+    # it creates nothing and only records the version.
+    Migration(1, "cars and idempotency_keys", MYSQL_SCHEMA, SQLITE_SCHEMA, 1),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version  # the schema this code is written for: its code version
+SCHEMA_TABLE = {
+    True: "CREATE TABLE IF NOT EXISTS schema_migrations (version INT UNSIGNED NOT NULL PRIMARY KEY,"
+    " description VARCHAR(255) NOT NULL, oldest_code INT UNSIGNED NOT NULL,"
+    " applied_at BIGINT NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    False: "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL PRIMARY KEY,"
+    " description TEXT NOT NULL, oldest_code INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
+}
+SELECT_SCHEMA = "SELECT MAX(version), MAX(oldest_code) FROM schema_migrations"
+INSERT_MIGRATION = (
+    "INSERT INTO schema_migrations (version, description, oldest_code, applied_at)"
+    " VALUES (%s, %s, %s, %s)"
+)
+MIGRATION_LOCK_WAIT = 60.0  # seconds `migrate` waits for another run's lock before it fails
+MIGRATION_READ_TIMEOUT = 900.0  # seconds one DDL statement may run (an ALTER of a big table)
+SCHEMA_RECHECK = 1.0  # seconds a refused schema is trusted before the database is asked again
+# Identities that bootstrap creates: the migration one changes the schema of the application's
+# database only; the application one reads and writes its rows only. Neither has GRANT OPTION.
+GRANTS = {
+    "MIGRATION": "SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, DROP, INDEX, REFERENCES,"
+    " LOCK TABLES",
+    "APP": "SELECT, INSERT, UPDATE, DELETE",
+}
+CLONE_SUFFIX = "_clone"  # the second user of an alternating-users password rotation
 
 
 SELECT_CAR = "SELECT id, brand, model, year, version FROM cars WHERE id = %s"
@@ -426,8 +503,10 @@ MYSQL_BUSY = frozenset(
         1927,  # connection killed (MariaDB)
     }
 )
+MYSQL_DENIED = frozenset({1044, 1045})  # credentials refused: a rotation half done, or a bad secret
 MYSQL_DEADLOCK = 1213
 MYSQL_DUPLICATE = 1062
+MYSQL_NO_TABLE = 1146
 # SQLite reports by message only; these mean "not now", not "never".
 SQLITE_BUSY = ("locked", "readonly database", "unable to open", "disk i/o error", "disk is full")
 
@@ -456,6 +535,30 @@ class StoreError(Exception):
     """A database error that retrying cannot fix: a bug, or a schema that does not match."""
 
 
+class SchemaError(Exception):
+    """The database's schema version is one this code does not support (yet, or any more)."""
+
+
+class MigrationError(Exception):
+    """A migration failed; the schema version stays where the last good one left it."""
+
+    def __init__(self, migration, cause):
+        super().__init__(str(cause))
+        self.migration = migration
+
+
+def missing(exc):
+    """Tell whether a database error says that a table does not exist (yet)."""
+    if isinstance(exc, sqlite3.Error):
+        return "no such table" in str(exc)
+    return bool(exc.args) and exc.args[0] == MYSQL_NO_TABLE
+
+
+def supported(version, oldest_code):
+    """Tell whether this code works on a schema at version, which needs code oldest_code."""
+    return version >= SCHEMA_VERSION and oldest_code <= SCHEMA_VERSION
+
+
 def classify(exc):
     """Name what a database error means: lost, busy, deadlock, conflict or broken."""
     if isinstance(exc, sqlite3.Error):
@@ -466,7 +569,7 @@ def classify(exc):
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
     if isinstance(exc, pymysql.err.InterfaceError) or code in MYSQL_LINK_LOST:
         return "lost"
-    if code in MYSQL_BUSY:
+    if code in MYSQL_BUSY or code in MYSQL_DENIED:
         return "busy"
     if code == MYSQL_DEADLOCK:
         return "deadlock"
@@ -517,7 +620,9 @@ class Database:
         self.mysql = settings.mysql_host is not None
         self.errors = (pymysql.err.Error,) if self.mysql else (sqlite3.Error,)
         self.local = threading.local()
-        self.schema_ready = False  # no lock: creating the schema twice at once is harmless
+        self.schema_ready = False  # migrated at first use (AUTO_MIGRATE); twice at once is harmless
+        self.schema_lock = threading.Lock()  # guards the refusal below, so that it logs once
+        self.refused, self.refused_at = None, 0.0  # the (version, oldest code) refused, and when
         # SQLite only, local and quick: switching a new file to WAL fails at once ("database is
         # locked", no busy wait) while another connection switches it too, so opens take turns.
         self.sqlite_open_lock = threading.Lock()
@@ -540,7 +645,7 @@ class Database:
         lock_wait = max(1, math.ceil(self.settings.db_timeout) - 1)
         return lock_wait, max(self.settings.db_timeout, lock_wait + 0.5)
 
-    def open(self, database=True):
+    def open(self, database=True, read_timeout=None):
         """Open a new connection with the timeouts that keep requests bounded."""
         s = self.settings
         if not self.mysql:
@@ -559,7 +664,7 @@ class Database:
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=s.db_timeout,
-            read_timeout=socket_timeout,
+            read_timeout=read_timeout or socket_timeout,
             write_timeout=socket_timeout,
             init_command=(
                 f"SET SESSION lock_wait_timeout={lock_wait}, innodb_lock_wait_timeout={lock_wait}"
@@ -576,34 +681,142 @@ class Database:
         conn.connect()
         return conn
 
-    def create_schema(self):
-        """Create the database (MySQL) and the tables if they do not exist yet."""
+    def on(self, conn, sql, args=None):
+        """Run one statement on a given connection (migrations, bootstrap); return the cursor."""
+        cur = conn.cursor()
         if self.mysql:
-            with self.open(database=False) as conn, conn.cursor() as cur:
-                name = self.settings.mysql_database.replace("`", "``")
-                cur.execute(f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-                cur.execute(f"USE `{name}`")
-                for statement in MYSQL_SCHEMA:
-                    cur.execute(statement)
+            cur.execute(sql, args)  # without args, PyMySQL leaves a % in the text alone
         else:
-            # In one IMMEDIATE transaction, like every write: all tables or none, and threads
-            # creating the schema at once wait their turn (busy timeout).
-            with self.open() as conn:
-                conn.executescript(f"BEGIN IMMEDIATE;\n{SQLITE_SCHEMA}COMMIT;")
+            cur.execute(sql.replace("%s", "?"), args or ())
+        return cur
+
+    def schema_version(self, conn):
+        """Return (version, oldest code) that the database records; (0, 0) before migrations."""
+        try:
+            version, oldest_code = self.on(conn, SELECT_SCHEMA).fetchone()
+        except self.errors as exc:
+            if not missing(exc):
+                raise
+            return 0, 0
+        return version or 0, oldest_code or 0
+
+    def create_schema(self, read_timeout=None):
+        """Apply the pending migrations in order, each in its own lock; return those applied."""
+        applied = []
+        conn = self.open(database=False, read_timeout=read_timeout)
+        try:
+            if self.mysql:
+                name = self.settings.mysql_database.replace("`", "``")
+                self.on(conn, f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
+                self.on(conn, f"USE `{name}`")
+            while True:
+                with self.migration_lock(conn):
+                    migration = self.apply_next(conn)
+                if migration is None:
+                    break
+                applied.append(migration)
+                log.info(
+                    "migration applied",
+                    extra={"fields": {"version": migration.version, "what": migration.description}},
+                )
+        finally:
             conn.close()
         self.schema_ready = True
+        return applied
+
+    def apply_next(self, conn):
+        """Apply the first migration the database lacks and record it; return it, or None."""
+        self.on(conn, SCHEMA_TABLE[self.mysql])
+        version, _ = self.schema_version(conn)
+        migration = next((m for m in MIGRATIONS if m.version > version), None)
+        if migration is None:
+            return None
+        try:
+            for statement in migration.mysql if self.mysql else migration.sqlite:
+                self.on(conn, statement)
+            row = (migration.version, migration.description, migration.oldest_code, time.time())
+            self.on(conn, INSERT_MIGRATION, (*row[:3], int(row[3])))
+        except self.errors as exc:
+            raise MigrationError(migration, exc) from exc
+        return migration
+
+    @contextmanager
+    def migration_lock(self, conn):
+        """Hold the database's migration lock: GET_LOCK (MySQL) or an IMMEDIATE transaction."""
+        if not self.mysql:
+            conn.execute("BEGIN IMMEDIATE")  # SQLite's DDL is transactional: all of it or none
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return
+        name = f"cars-api:migrate:{self.settings.mysql_database}"[:64]  # MySQL's longest name
+        deadline = time.monotonic() + MIGRATION_LOCK_WAIT
+        wait = self.timeouts()[0]  # inside the socket's read timeout
+        while not self.on(conn, "SELECT GET_LOCK(%s, %s)", (name, wait)).fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"another migration held the lock {MIGRATION_LOCK_WAIT} s")
+        try:
+            yield
+        finally:
+            self.on(conn, "SELECT RELEASE_LOCK(%s)", (name,))
+
+    def check_schema(self, version, oldest_code):
+        """Raise SchemaError unless this code supports the schema; log each new verdict once."""
+        with self.schema_lock:
+            if supported(version, oldest_code):
+                if self.refused is not None:
+                    log.info("schema supported", extra={"fields": {"schema_version": version}})
+                self.refused = None
+                return
+            verdict, self.refused_at = (version, oldest_code), time.monotonic()
+            if verdict != self.refused:
+                fields = {
+                    "schema_version": version,
+                    "schema_needs_code": oldest_code,
+                    "code_version": SCHEMA_VERSION,
+                    "auto_migrate": self.settings.auto_migrate,
+                }
+                log.error("schema not supported", extra={"fields": fields})
+            self.refused = verdict
+        raise SchemaError(f"schema version {version} needs code {oldest_code}")
+
+    def recently_refused(self):
+        """Raise SchemaError while a refusal is fresh, sparing the database a query per request."""
+        if self.refused is not None and time.monotonic() < self.refused_at + SCHEMA_RECHECK:
+            raise SchemaError("schema version {} needs code {}".format(*self.refused))
 
     def connection(self):
-        """Return this thread's connection, opening it (and the schema) when there is none."""
+        """Return this thread's connection; a new one migrates (AUTO_MIGRATE) and checks the schema.
+
+        Each new connection reads the schema version, and a refusal is asked again after
+        SCHEMA_RECHECK: running `migrate` later makes the server ready without a restart, at the
+        cost of one small query per new connection (connections live as long as their thread).
+        """
         conn = getattr(self.local, "conn", None)
         if conn is not None:
             return conn
+        self.recently_refused()
         try:
-            if not self.schema_ready:
+            if self.settings.auto_migrate and not self.schema_ready:
                 self.create_schema()
-            conn = self.local.conn = self.open()
+            conn = self.open()
+            version = self.schema_version(conn)
+        except MigrationError as exc:
+            raise store_failure(exc.__cause__) from exc
         except self.errors as exc:
+            if conn is not None:
+                with suppress(Exception):  # the connection may be the broken part
+                    conn.close()
             raise store_failure(exc) from exc
+        try:
+            self.check_schema(*version)
+        except SchemaError:
+            conn.close()
+            raise
+        self.local.conn = conn
         return conn
 
     def discard(self):
@@ -684,6 +897,36 @@ class Database:
             )
         with self.transaction():
             return work()
+
+
+def bootstrap(database, environ):
+    """Create the database and the two identities if missing, and (re)apply their grants.
+
+    Runs with the master credentials in MYSQL_USER. A user that exists keeps its password (a
+    rotation owns it from then on); its `<name>_clone` twin, if the alternating-users rotation
+    made one, gets the same grants. Grants only ever add, so running it again is harmless.
+    """
+    names = {kind: environ.get(f"{kind}_USER", "").strip() for kind in GRANTS}
+    passwords = {kind: environ.get(f"{kind}_PASSWORD", "") for kind in GRANTS}
+    if not all(names.values()) or not all(passwords.values()) or len(set(names.values())) < 2:
+        raise ValueError(
+            "bootstrap needs MIGRATION_USER, MIGRATION_PASSWORD, APP_USER and APP_PASSWORD,"
+            " with two different user names"
+        )
+    schema = database.settings.mysql_database.replace("`", "``")
+    granted = []
+    with database.open(database=False) as conn:
+        database.on(conn, f"CREATE DATABASE IF NOT EXISTS `{schema}` CHARACTER SET utf8mb4")
+        for kind, privileges in GRANTS.items():
+            user = names[kind]
+            database.on(
+                conn, "CREATE USER IF NOT EXISTS %s@'%%' IDENTIFIED BY %s", (user, passwords[kind])
+            )
+            sql = "SELECT User, Host FROM mysql.user WHERE User IN (%s, %s) ORDER BY User, Host"
+            for account in database.on(conn, sql, (user, user + CLONE_SUFFIX)).fetchall():
+                database.on(conn, f"GRANT {privileges} ON `{schema}`.* TO %s@%s", account)
+                granted.append("@".join(account))
+    return granted
 
 
 def db():
@@ -1053,19 +1296,24 @@ def access_line(environ, request_id):
 
 
 def authorize():
-    """Demand the bearer token on writes when API_TOKEN is set; note the result for the audit."""
-    token = app.config["cars.settings"].api_token
-    if token is None:
+    """Demand a bearer token on writes when API_TOKEN is set; note which one for the audit.
+
+    During a rotation API_TOKEN_PREVIOUS is accepted too ("ok-previous"); both are compared in
+    constant time, always both, so the timing tells nothing about either.
+    """
+    settings = app.config["cars.settings"]
+    if settings.api_token is None:
         return
     request.environ["cars.auth"] = "failed"
     scheme, _, given = header("Authorization").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode("latin-1"), token.encode()
-    ):
+    given = given.strip().encode("latin-1")
+    current = hmac.compare_digest(given, settings.api_token.encode())
+    previous = hmac.compare_digest(given, (settings.api_token_previous or "").encode())
+    if scheme.lower() != "bearer" or not (current or (previous and given)):
         raise problem(
             401, "A valid bearer token is required.", WWW_Authenticate='Bearer realm="cars-api"'
         )
-    request.environ["cars.auth"] = "ok"
+    request.environ["cars.auth"] = "ok" if current else "ok-previous"
 
 
 def guard(callback):
@@ -1079,6 +1327,10 @@ def guard(callback):
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
+        except SchemaError:  # logged once by check_schema, not per request
+            raise problem(
+                503, "The database schema is not supported by this release.", Retry_After="5"
+            ) from None
         except UnavailableError as exc:
             log.warning("database unavailable", extra={"fields": {"error": str(exc)}})
             raise problem(
@@ -1591,18 +1843,75 @@ def serve(settings):
     log.info("stopped")
 
 
+def migrate_command(database):
+    """Apply the pending migrations; return the exit code, after one line saying what happened."""
+    try:
+        applied = database.create_schema(read_timeout=MIGRATION_READ_TIMEOUT)
+        with closing(database.open(read_timeout=MIGRATION_READ_TIMEOUT)) as conn:
+            version, oldest_code = database.schema_version(conn)
+    except MigrationError as exc:
+        fields = {"version": exc.migration.version, "what": exc.migration.description}
+        log.error("migration failed", extra={"fields": {**fields, "error": str(exc)}})
+        return 1
+    except (UnavailableError, *database.errors) as exc:
+        log.error("migration failed", extra={"fields": {"error": str(exc)}})
+        return 1
+    fields = {"schema_version": version, "schema_needs_code": oldest_code, "applied": len(applied)}
+    log.info("schema current", extra={"fields": fields})
+    return 0
+
+
+def bootstrap_command(database):
+    """Create the identities and grant them; return the exit code."""
+    if not database.mysql:
+        log.error("bootstrap needs MySQL: set MYSQL_HOST and the master credentials")
+        return 2
+    try:
+        granted = bootstrap(database, os.environ)
+    except ValueError as exc:
+        log.error(str(exc))
+        return 2
+    except database.errors as exc:
+        log.error("bootstrap failed", extra={"fields": {"error": str(exc)}})
+        return 1
+    log.info("bootstrap done", extra={"fields": {"store": database.describe(), "granted": granted}})
+    return 0
+
+
+COMMANDS = {"migrate": migrate_command, "bootstrap": bootstrap_command}
+
+
 def main():
-    """Read the environment and serve."""
+    """Read the environment and serve, or run the one command named on the command line."""
     handler = configure_logging("INFO")  # first, so that a bad setting is a JSON line too
-    settings = load_settings(os.environ)
+    args = sys.argv[1:]
+    if len(args) > 1 or (args and args[0] not in COMMANDS):
+        log.error("usage: python cars.py [migrate | bootstrap]", extra={"fields": {"args": args}})
+        handler.close()
+        sys.exit(2)
+    settings = load_settings(os.environ, serving=not args)
     logging.getLogger().setLevel(settings.log_level)
     database = configure(settings).config["cars.db"]
+    if args:
+        code = COMMANDS[args[0]](database)
+        handler.close()
+        sys.exit(code)
     log.info(
-        "starting", extra={"fields": {"store": database.describe(), "threads": settings.threads}}
+        "starting",
+        extra={
+            "fields": {
+                "store": database.describe(),
+                "threads": settings.threads,
+                "auto_migrate": settings.auto_migrate,
+                "code_version": SCHEMA_VERSION,
+            }
+        },
     )
     if settings.api_token is None:
         log.warning("API_TOKEN is not set: anyone who can reach the API can change the catalogue")
-    serve(settings)  # the schema is created by the first request that needs the database
+    if settings.mysql_host and not (loopback(settings.mysql_host) or settings.mysql_ssl_ca):
+        log.warning("ALLOW_UNVERIFIED_MYSQL: the database's certificate is not verified")
+    serve(settings)  # the schema is migrated or checked by the first request that needs the DB
     handler.close()  # write the last lines now, not only from logging's exit hook
 
 

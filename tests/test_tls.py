@@ -7,10 +7,14 @@ CA stands for a wrong bundle, and 127.0.0.1 for a wrong host name.
 import datetime
 import http.client
 import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pymysql
 import pytest
+from conftest import ROOT, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -144,3 +148,42 @@ def test_an_unreadable_ca_stops_start_up():
     with pytest.raises(SystemExit) as stopped:
         cars.Database(settings)
     assert "MYSQL_SSL_CA" in str(stopped.value)
+
+
+def start_up(env):
+    """Run the server with env until it stops or listens; return (exit code or None, output)."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("MYSQL_", "API_TOKEN"))}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "cars.py")],
+        env={**keep, "HOST": "127.0.0.1", "PORT": str(free_port()), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        return None, out
+    return proc.returncode, out
+
+
+def test_a_remote_mysql_without_a_ca_stops_start_up_with_one_line():
+    code, out = start_up({"MYSQL_HOST": "db.internal.example", "MYSQL_PASSWORD": "x"})
+    assert code == 1
+    (line,) = [json.loads(text) for text in out.splitlines()]
+    assert "MYSQL_SSL_CA" in line["message"]
+    assert "ALLOW_UNVERIFIED_MYSQL=true" in line["message"]
+    assert "db.internal.example" in line["message"]
+
+
+@pytest.mark.parametrize("way", ["allowed_unverified", "with_a_ca"])
+def test_a_remote_mysql_is_allowed_unverified_on_request_or_with_a_ca(run_server, way):
+    ca_text = pem(make_ca("cars-api start-up CA")[1]).decode()
+    extra = {"ALLOW_UNVERIFIED_MYSQL": "true"} if way == "allowed_unverified" else {}
+    extra = extra or {"MYSQL_SSL_CA": ca_text}
+    # TEST-NET-3 (RFC 5737): nothing answers there; the server starts without the database.
+    server = run_server({"MYSQL_HOST": "203.0.113.7", **extra})
+    assert server.proc.poll() is None
+    assert ("not verified" in server.log()) == (way == "allowed_unverified")

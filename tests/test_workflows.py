@@ -640,3 +640,13 @@ def test_the_deploy_role_trusts_only_the_production_environment(
         f"{REPOSITORY}/.github/workflows/{name}@refs/heads/main"
         for name in ("ci.yml", "rollback.yml")
     }
+
+
+def test_the_ci_mysql_service_requires_tls_before_the_tests_run(ci: dict) -> None:
+    [test_job] = jobs_running(ci, "make test")
+    require = step_index(test_job, lambda s: "require_secure_transport" in s.get("run", ""))
+    command = test_job["steps"][require]["run"]
+    assert command.startswith("mysql --host=127.0.0.1 --port=3306 --user=root ")
+    assert "3306:3306" in mysql_service(ci)["ports"]  # the service that port reaches
+    assert "--execute='SET PERSIST require_secure_transport = ON'" in command
+    assert require < step_index(test_job, lambda s: s.get("run") == "make test")
