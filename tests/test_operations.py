@@ -833,7 +833,8 @@ def test_logs_print_requests_as_status_method_path_and_duration(stub):
 def test_logs_hand_the_filter_over_as_typed(stub):
     result = make("logs", stub, FILTER='"$.status"', SINCE="1h")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("filter text: $.status, as typed")
+    (line,) = result.stdout.strip().splitlines()
+    assert line.endswith("filter text: $.status, as typed")
 
 
 def test_logs_without_matches_say_so(stub):
