@@ -870,19 +870,30 @@ def test_dashboard_without_a_release_says_to_deploy_one(stub):
     assert "make release" in result.stderr
 
 
-def test_status_prints_the_dashboard_url():
-    script = (ROOT / "scripts" / "status.sh").read_text()
-    assert '"dashboard    $(dashboard_url "$SERVICE_STACK")"' in script
-    url = subprocess.run(
-        ["bash", "-c", f"source {ROOT}/scripts/lib.sh; dashboard_url cars-api-service"],
-        env={**os.environ, "AWS_REGION": "eu-central-1"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    assert url == (
-        "https://eu-central-1.console.aws.amazon.com/cloudwatch/home?region=eu-central-1"
-        "#dashboards/dashboard/cars-api-service"
+def test_status_of_a_running_release_prints_the_dashboard_url(stub, moto_url):
+    cfn = client("cloudformation", moto_url)
+    outputs = cfn.describe_stacks(StackName="ops-stub")["Stacks"][0]["Outputs"]
+    cluster = next(o["OutputValue"] for o in outputs if o["OutputKey"] == "ClusterName")
+    ecs = client("ecs", moto_url)
+    image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ops-stub@sha256:" + "ab" * 32
+    task = ecs.register_task_definition(
+        family="ops-stub-service",
+        containerDefinitions=[{"name": "cars-api", "image": image, "memory": 512}],
+    )["taskDefinition"]["taskDefinitionArn"]
+    ecs.create_service(
+        cluster=cluster, serviceName="ops-stub-service", taskDefinition=task, desiredCount=1
+    )
+    release = {
+        "Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
+        "Outputs": {"ServiceName": {"Value": "ops-stub-service"}},
+    }
+    cfn.create_stack(StackName="ops-stub-service", TemplateBody=json.dumps(release))
+    result = make("status", stub)
+    assert result.returncode == 0, result.stderr
+    assert "service      ops-stub-service (ACTIVE)" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"dashboard    https://{REGION}.console.aws.amazon.com/cloudwatch/home?region={REGION}"
+        "#dashboards/dashboard/ops-stub-service"
     )
 
 
