@@ -417,6 +417,20 @@ def test_each_metric_filter_matches_exactly_its_lines_of_the_real_server(
         assert len(matched) < len(lines), f"{metric} matches every line"
 
 
+def test_every_service_and_log_metric_alarm_starts_with_a_command_to_run_first(base, service):
+    alarms = resources_of(service, "AWS::CloudWatch::Alarm")
+    alarms |= {
+        name: alarm
+        for name, alarm in resources_of(base, "AWS::CloudWatch::Alarm").items()
+        if alarm["Properties"].get("Namespace") == LOG_NAMESPACE
+    }
+    assert len(alarms) == 7
+    for name, alarm in alarms.items():
+        description = alarm["Properties"]["AlarmDescription"]
+        assert description.startswith("First: make "), name
+        assert len(description) <= 1024, name
+
+
 def test_every_log_metric_has_an_alarm_that_says_what_to_do_first(base):
     metrics = log_metrics(base)
     assert set(metrics) == {"Unauthorized", "ErrorLines", "DatabaseUnavailable"}
