@@ -27,10 +27,12 @@ IMAGE_ID ?=
 ALLOW_VULNERABLE ?=
 DEPLOY_FREEZE ?=
 UPGRADE ?=
+FILTER ?=
+SINCE ?=
 
 # The scripts read their settings from the environment, never from their arguments.
 export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK CI_STACK GITHUB_REPOSITORY
-export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE UPGRADE
+export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE UPGRADE SINCE
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
@@ -173,12 +175,19 @@ history: ## List the images in ECR, newest first, with push time, digest, scan a
 	scripts/history.sh
 
 .PHONY: status
-status: ## Show the live image digest and commit, running/desired tasks, recent deployments and the URL.
+status: ## Show the live image digest and commit, running/desired tasks, deployments, the URL and dashboard.
 	scripts/status.sh
 
 .PHONY: logs
-logs: ## Print recent log events of the service.
-	scripts/logs.sh
+# FILTER reaches the script as typed, through LOGS_FILTER ($(value) does not expand it), since
+# make would read the $. of '{ $.status >= 500 }' as a variable of its own.
+logs: export LOGS_FILTER = $(value FILTER)
+logs: ## Print recent log events, or those matching FILTER='{ $.status >= 500 }' in the last SINCE=1h.
+	FILTER="$${LOGS_FILTER}" scripts/logs.sh
+
+.PHONY: dashboard
+dashboard: ## Print (and at a terminal open) the URL of the service's CloudWatch dashboard.
+	scripts/dashboard.sh
 
 .PHONY: stack-delete
 stack-delete: ## Delete the stacks after confirmation; says what survives.

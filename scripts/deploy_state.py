@@ -492,6 +492,50 @@ def logs(directory: Path, lines: int) -> list[str]:
     return [f"{when(ts)}  {stream[:8]}  {message}" for ts, stream, message in events[-lines:]]
 
 
+# Fields every JSON line has, or that readable() shows in their own column.
+SHOWN_FIELDS = {"time", "level", "logger", "message", "method", "path", "status", "duration_ms"}
+
+
+def readable(message: str) -> str:
+    """One JSON log line as text: status, method and path of a request, else level and message."""
+    try:
+        entry = json.loads(message)
+    except ValueError:
+        return message
+    if not isinstance(entry, dict):
+        return message
+    if "status" in entry and "method" in entry:
+        head = f"{entry['status']}  {entry['method']} {entry.get('path', '')}"
+        if "duration_ms" in entry:
+            head += f"  {entry['duration_ms']} ms"
+    else:
+        head = f"{entry.get('level', '-')}  {entry.get('message', '')}"
+    rest = [
+        f"{key}={value}"
+        for key, value in entry.items()
+        if key not in SHOWN_FIELDS | {"traceback"} and value is not None
+    ]
+    text = "  ".join([head, *rest])
+    if entry.get("traceback"):
+        text += "\n    " + str(entry["traceback"]).rstrip().replace("\n", "\n    ")
+    return text
+
+
+def filtered(doc, lines: int) -> list[str]:
+    """The newest events of a FilterLogEvents answer, oldest first, one readable line each."""
+    events = sorted(
+        (event.get("timestamp", 0), event.get("logStreamName", ""), event.get("message", ""))
+        for event in (doc or {}).get("events") or []
+    )
+    shown = [
+        f"{when(ts)}  {stream.rsplit('/', 1)[-1][:8]}  {readable(message.rstrip())}"
+        for ts, stream, message in events[-lines:]
+    ]
+    if len(events) > lines:
+        shown.insert(0, f"(the newest {lines} of {len(events)} matches; LOG_LINES=... shows more)")
+    return shown
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -511,6 +555,7 @@ def main(argv: list[str]) -> int:
         "scan": ["file", "allowlist", "today"],
         "history": ["dir", "live"],
         "logs": ["dir", "lines"],
+        "events": ["file", "lines"],
     }.items():
         command = sub.add_parser(name)
         for arg in args:
@@ -567,6 +612,8 @@ def run(args, base: Path) -> tuple[int, str]:
             return OK, "\n".join(history(load(base / "images.json"), args.live))
         case "logs":
             return OK, "\n".join(logs(base, int(args.lines)))
+        case "events":
+            return OK, "\n".join(filtered(load(Path(args.file)), int(args.lines)))
     raise StateError(f"unknown command {args.command}")  # argparse already refuses these
 
 

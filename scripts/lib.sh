@@ -102,6 +102,11 @@ load_base() {
   fi
 }
 
+# Console URL of the CloudWatch dashboard of service stack $1 (service.yaml names it after the stack).
+dashboard_url() {
+  echo "https://$AWS_REGION.console.aws.amazon.com/cloudwatch/home?region=$AWS_REGION#dashboards/dashboard/$1"
+}
+
 # Reads SERVICE_NAME from the service stack; returns 1 when no release was deployed yet.
 load_service() {
   describe_stack "$SERVICE_STACK" "$WORK/service-stack.json" || return 1

@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
-# logs.sh: print the most recent log events of the service's containers (CloudWatch Logs).
+# logs.sh: print the service's log events (CloudWatch Logs): the newest ones, or those matching a
+# filter pattern in a time window, as readable lines.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat >&2 <<'USAGE'
-usage: make logs [LOG_LINES=50] [STREAMS=4] [AWS_REGION=...] [BASE_STACK=...]
-Prints the newest LOG_LINES events (time UTC, task id, message) of the STREAMS most recently written
-log streams (one per task) of the base stack's log group.
+usage: make logs [FILTER='<filter pattern>'] [SINCE=<n>m|<n>h|<n>d] [LOG_LINES=50] [STREAMS=4]
+                 [AWS_REGION=...] [BASE_STACK=...]
+Without FILTER and SINCE: prints the newest LOG_LINES events (time UTC, task id, message) of the
+STREAMS most recently written log streams (one per task) of the base stack's log group.
+With FILTER or SINCE: prints the newest LOG_LINES events of the last SINCE (default 1h) that match
+FILTER (a CloudWatch Logs filter pattern; empty matches all), oldest first, one readable line each:
+time UTC, task id, then status, method and path of a request, or level and message of other lines.
+  make logs FILTER='{ $.status >= 500 }' SINCE=1h
+  make logs FILTER='{ $.level = "ERROR" }' SINCE=2d
+  make logs FILTER='{ $.message = "database unavailable" }' SINCE=30m
 USAGE
 }
 
-main() {
-  [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
-  local lines=${LOG_LINES:-50} streams=${STREAMS:-4} log_group names stream
-  [[ "$lines" =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "LOG_LINES must be a number from 1 to 9999"
-  [[ "$streams" =~ ^[1-9][0-9]?$ ]] || usage_error "STREAMS must be a number from 1 to 99"
-  require_tools aws python3
-  require_credentials
-  load_base
-  log_group=$(state_or_die output "$WORK/base.json" "$BASE_STACK" LogGroupName)
+# Milliseconds since the epoch, $1 (15m, 1h, 2d) ago.
+start_time() {
+  [[ "$1" =~ ^([1-9][0-9]{0,4})([mhd])$ ]] \
+    || usage_error "SINCE must be a number and a unit m, h or d (15m, 1h, 2d), not '$1'"
+  local unit=60
+  case ${BASH_REMATCH[2]} in
+    h) unit=3600 ;;
+    d) unit=86400 ;;
+  esac
+  echo $((($(date +%s) - BASH_REMATCH[1] * unit) * 1000))
+}
+
+# The newest events of the STREAMS latest streams of log group $1 (the view without a filter).
+newest() {
+  local log_group=$1 lines=$2 streams=$3 names stream
   mkdir -p "$WORK/logs"
   # Newest streams first; --max-items is the CLI's own paging limit (v1 and v2).
   names=$(awsq logs describe-log-streams --log-group-name "$log_group" --order-by LastEventTime \
@@ -36,6 +50,38 @@ main() {
     return 0
   fi
   state logs "$WORK" "$lines"
+}
+
+# The events of log group $1 since $2 (ms; $3 in words) that match filter pattern $4, readable.
+matching() {
+  local log_group=$1 start=$2 since=$3 pattern=$4 lines=$5 out
+  # Up to 10000 matches are read (the CLI follows the pages); the newest LOG_LINES are shown.
+  awsq logs filter-log-events --log-group-name "$log_group" --start-time "$start" \
+    ${pattern:+--filter-pattern "$pattern"} --max-items 10000 --output json >"$WORK/events.json"
+  out=$(state_or_die events "$WORK/events.json" "$lines")
+  if [[ -z "$out" ]]; then
+    say "No events in $log_group in the last $since${pattern:+ that match $pattern}."
+    return 0
+  fi
+  printf '%s\n' "$out"
+}
+
+main() {
+  [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
+  local lines=${LOG_LINES:-50} streams=${STREAMS:-4} filter=${FILTER:-} since=${SINCE:-} start
+  local log_group
+  [[ "$lines" =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "LOG_LINES must be a number from 1 to 9999"
+  [[ "$streams" =~ ^[1-9][0-9]?$ ]] || usage_error "STREAMS must be a number from 1 to 99"
+  [[ -z "$filter$since" ]] || start=$(start_time "${since:-1h}")
+  require_tools aws python3
+  require_credentials
+  load_base
+  log_group=$(state_or_die output "$WORK/base.json" "$BASE_STACK" LogGroupName)
+  if [[ -z "$filter$since" ]]; then
+    newest "$log_group" "$lines" "$streams"
+  else
+    matching "$log_group" "$start" "${since:-1h}" "$filter" "$lines"
+  fi
 }
 
 main "$@"

@@ -13,8 +13,9 @@ Deletes the service stack, the CI access stack (deploy role), then the base stac
 the base stack's name (or the service stack's, when only it exists); CONFIRM=<that name> answers
 without a prompt.
 The database has deletion protection: turn it off first (the command is printed).
-What survives the deletion: the final database snapshot, the ECR repository with its images and the
-two Secrets Manager secrets (database credentials, API token); each is printed with how to remove it.
+What survives the deletion: the final database snapshot, the ECR repository with its images, the
+two Secrets Manager secrets (database credentials, API token) and the audit bucket (load balancer
+and VPC flow logs); each is printed with how to remove it.
 USAGE
 }
 
@@ -61,6 +62,10 @@ survivors() {
   if id=$(state output "$WORK/base.json" "$BASE_STACK" RepositoryName); then
     say "  - ECR repository $id with its images (delete: aws ecr delete-repository --force" \
       "--repository-name $id --region $AWS_REGION)"
+  fi
+  if id=$(state output "$WORK/base.json" "$BASE_STACK" AuditBucketName); then
+    say "  - S3 bucket $id with the load balancer and VPC flow logs (they expire after the" \
+      "retention period; delete: aws s3 rb s3://$id --force --region $AWS_REGION)"
   fi
   for id in DatabaseSecretArn ApiTokenSecretArn; do
     if id=$(state output "$WORK/base.json" "$BASE_STACK" "$id"); then

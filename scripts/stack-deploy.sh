@@ -188,6 +188,7 @@ main() {
   base_parameters >"$WORK/base.parameters"
   s3_prefix_list >>"$WORK/base.parameters"
   deploy_stack "$BASE_STACK" base.yaml <"$WORK/base.parameters"
+  "$ROOT/scripts/default-sg.sh"
   warn_plaintext_writes
   say "Deploying stack $CI_STACK in $AWS_REGION (deploy role trusts $repo: ci.yml and rollback.yml on main)"
   # shellcheck disable=SC2086 # ids is two numbers: split on purpose

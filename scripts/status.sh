@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# status.sh: show the live image, running/desired tasks, recent deployments and events, and the URL.
+# status.sh: show the live image, running/desired tasks, recent deployments and events, the URL and
+# the dashboard.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -9,7 +10,7 @@ usage() {
 usage: make status [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
 Shows what the service runs now: the image (repository@digest) of the primary deployment and its
 commit, running/desired tasks, the deployments ECS knows (with rollout state and reason), the
-latest service events and the URL.
+latest service events, the URL and the CloudWatch dashboard's URL.
 In GitHub Actions it also writes the job summary and the step output `url`.
 USAGE
 }
@@ -46,6 +47,7 @@ main() {
   local text
   text="stack        $SERVICE_STACK ($(state stack "$WORK/service-stack.json" "$SERVICE_STACK" || true))"
   text+=$'\n'$(state_or_die status "$WORK" "$SERVICE_URL")
+  text+=$'\n'"dashboard    $(dashboard_url "$SERVICE_STACK")"
   say "$text"
   publish "$text"
 }
