@@ -113,6 +113,8 @@ def test_master_password_is_managed_by_rds(data):
 def test_only_the_bootstrap_task_and_the_rotation_ever_see_the_master_secret(data):
     users = {name for name, body in data["Resources"].items() if mentions(body, "MasterUserSecret")}
     assert users == {
+        "MigrationSecret",  # its masterarn key, which only the rotation function reads
+        "AppSecret",
         "BootstrapExecutionRole",
         "BootstrapTaskDefinition",
         "MigrationSecretRotation",
@@ -139,7 +141,11 @@ def test_the_deploy_role_can_read_no_secret_at_all(ci):
 )
 def test_migration_and_app_identities_are_generated_with_fixed_user_names(data, name, user):
     generated = resource(data, name)["GenerateSecretString"]
-    assert json.loads(generated["SecretStringTemplate"]) == {"username": user}
+    template = generated["SecretStringTemplate"]["Fn::Sub"]
+    assert json.loads(template) == {
+        "username": user,
+        "masterarn": "${Database.MasterUserSecret.SecretArn}",  # read by the rotation function
+    }
     assert generated["GenerateStringKey"] == "password"
     assert generated["PasswordLength"] >= 32
     assert set("/@\"' `\\") <= set(generated["ExcludeCharacters"])
