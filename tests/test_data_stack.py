@@ -256,6 +256,14 @@ def test_deploy_role_runs_only_the_migration_family_in_the_cluster(ci):
     assert stop["Condition"] == {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}}
 
 
+def test_deploy_role_reads_the_data_stack_outputs_but_cannot_change_the_stack(ci):
+    data_stack = "arn:aws:cloudformation:eu-west-1:123456789012:stack/cars-api-data/*"
+    (read,) = granting(deploy_statements(ci), "cloudformation:DescribeStacks")
+    assert data_stack in read["Resource"]
+    (change,) = granting(deploy_statements(ci), "cloudformation:UpdateStack")
+    assert data_stack not in as_list(change["Resource"])
+
+
 def test_deploy_role_can_neither_run_the_bootstrap_task_nor_pass_its_role(ci):
     for statement in deploy_statements(ci):
         text = json.dumps(statement)

@@ -651,6 +651,7 @@ def test_every_stack_deploy_setting_names_a_parameter_of_its_stack():
     for functions, name in (
         (("base_parameters", "s3_prefix_list"), "base.yaml"),
         (("ci_parameters",), "ci-access.yaml"),
+        (("data_parameters",), "data.yaml"),
     ):
         passed = set().union(*(passed_in(f) for f in functions))
         template, _ = decode(str(ROOT / "cloudformation" / name))
@@ -658,6 +659,10 @@ def test_every_stack_deploy_setting_names_a_parameter_of_its_stack():
         assert passed <= set(template["Parameters"]), passed - set(template["Parameters"])
     assert "S3PrefixListId" in passed_in("s3_prefix_list")
     assert {"GitHubRepositoryId", "GitHubOwnerId", "TaskSubnets"} <= passed_in("ci_parameters")
+    assert {"DataStackName", "MigrationExecutionRoleName"} <= passed_in("ci_parameters")
+    assert {"VpcId", "PrivateSubnets", "AlarmTopicArn", "LogRetentionDays"} <= passed_in(
+        "data_parameters"
+    )
 
 
 # The release's checks against moto's ECR API (a stand-in engine: no registry to push to here)
