@@ -18,8 +18,10 @@ SHA ?=
 AWS_REGION ?= eu-west-1
 STACK_PREFIX ?= cars-api
 BASE_STACK ?= $(STACK_PREFIX)-base
+DATA_STACK ?= $(STACK_PREFIX)-data
 SERVICE_STACK ?= $(STACK_PREFIX)-service
 CI_STACK ?= $(STACK_PREFIX)-ci-access
+LOG_RETENTION_DAYS ?= 365
 GITHUB_REPOSITORY ?=
 REVIEWERS ?=
 IMAGE_ARCHIVE ?=
@@ -31,7 +33,8 @@ FILTER ?=
 SINCE ?=
 
 # The scripts read their settings from the environment, never from their arguments.
-export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK SERVICE_STACK CI_STACK GITHUB_REPOSITORY
+export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK DATA_STACK SERVICE_STACK CI_STACK
+export GITHUB_REPOSITORY LOG_RETENTION_DAYS
 export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE UPGRADE SINCE
 
 RUNTIME := $(VENV)/.runtime-installed
@@ -147,7 +150,7 @@ down: ## Stop the compose services (the database volume is kept).
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 
 .PHONY: stack-deploy
-stack-deploy: ## Create or update the base then the CI access stack; prints their outputs.
+stack-deploy: ## Create or update the base, data (then CA bundle, bootstrap task) and CI access stacks.
 	scripts/stack-deploy.sh
 
 .PHONY: release
@@ -188,6 +191,10 @@ logs: ## Print recent log events, or those matching FILTER='{ $.status >= 500 }'
 .PHONY: dashboard
 dashboard: ## Print (and at a terminal open) the URL of the service's CloudWatch dashboard.
 	scripts/dashboard.sh
+
+.PHONY: rotate-token
+rotate-token: ## Replace the API token (the old one stays accepted as previous) and roll the tasks.
+	scripts/rotate-token.sh
 
 .PHONY: stack-delete
 stack-delete: ## Delete the stacks after confirmation; says what survives.

@@ -130,6 +130,15 @@ def stack_failure(stack_doc, events_doc, name: str) -> str:
     return line
 
 
+def changed_parameters(doc, pairs: list[str]) -> list[str]:
+    """The Name=Value pairs whose value differs from the deployed stack's (all when it has none)."""
+    stack = the_stack(doc) or {}
+    if stack.get("StackStatus") == "REVIEW_IN_PROGRESS":  # never created: nothing to keep
+        return pairs
+    current = {p["ParameterKey"]: p.get("ParameterValue") for p in stack.get("Parameters") or []}
+    return [pair for pair in pairs if current.get(pair.partition("=")[0]) != pair.partition("=")[2]]
+
+
 def outputs(doc) -> list[str]:
     items = (the_stack(doc) or {}).get("Outputs") or []
     if not items:
@@ -478,6 +487,92 @@ def scan_verdict(doc, allowed: dict[str, str], expired: dict[str, str]) -> tuple
     return OK, "\n".join([f"scan of {digest}: no blocking findings ({summary})", *notes])
 
 
+# One-off tasks (the release's migration, stack-deploy's bootstrap)
+
+# What RegisterTaskDefinition takes back from a DescribeTaskDefinition answer.
+REGISTER_KEYS = (
+    "family",
+    "taskRoleArn",
+    "executionRoleArn",
+    "networkMode",
+    "containerDefinitions",
+    "volumes",
+    "placementConstraints",
+    "requiresCompatibilities",
+    "cpu",
+    "memory",
+    "runtimePlatform",
+    "ephemeralStorage",
+)
+
+
+def register_input(taskdef_doc, image: str) -> str:
+    """RegisterTaskDefinition input: the described revision with its container on image."""
+    taskdef = (taskdef_doc or {}).get("taskDefinition")
+    if not taskdef:
+        raise StateError("no task definition in the answer")
+    found = {key: taskdef[key] for key in REGISTER_KEYS if taskdef.get(key)}
+    containers = [c for c in found.get("containerDefinitions") or [] if c.get("name") == CONTAINER]
+    if len(containers) != 1:
+        raise StateError(f"task definition {taskdef.get('family')} has no container {CONTAINER}")
+    containers[0]["image"] = image
+    return json.dumps(found)
+
+
+def started_task(run_doc, what: str) -> str:
+    """The ARN of the task RunTask started; Failure with ECS's reason when it started none."""
+    failures = (run_doc or {}).get("failures") or []
+    tasks_ = (run_doc or {}).get("tasks") or []
+    if failures or not tasks_:
+        reasons = "; ".join(
+            f"{f.get('reason', 'unknown')} {f.get('detail', '')}".strip() for f in failures
+        )
+        raise StateError(f"the {what} task did not start: {reasons or 'ECS started no task'}")
+    return tasks_[0]["taskArn"]
+
+
+def task_outcome(tasks_doc, what: str) -> tuple[int, str]:
+    """Done when the task stopped and its container exited 0; failed on any other stop."""
+    found = (tasks_doc or {}).get("tasks") or []
+    if not found:
+        return FAILED, f"the {what} task is gone (ECS forgets stopped tasks after an hour)"
+    task = found[0]
+    status = task.get("lastStatus", "UNKNOWN")
+    if status != "STOPPED":
+        return PENDING, f"the {what} task is {status}"
+    container = next((c for c in task.get("containers") or [] if c.get("name") == CONTAINER), {})
+    code = container.get("exitCode")
+    reason = task.get("stoppedReason") or "no reason given"
+    if code == 0:
+        return OK, f"the {what} task exited 0"
+    if code is None:
+        why = container.get("reason")
+        return FAILED, f"the {what} task stopped before its container ran: {reason}" + (
+            f" ({why})" if why else ""
+        )
+    return FAILED, f"the {what} task exited {code} ({reason})"
+
+
+def missing_previous(describe_doc) -> str:
+    """The AWSCURRENT version id when no version carries AWSPREVIOUS yet, else ''."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    if any("AWSPREVIOUS" in labels for labels in stages.values()):
+        return ""
+    current = [version for version, labels in stages.items() if "AWSCURRENT" in labels]
+    if not current:
+        raise StateError("the secret has no AWSCURRENT version")
+    return current[0]
+
+
+def previous_version(describe_doc) -> str:
+    """The version id that carries AWSPREVIOUS."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    for version, labels in stages.items():
+        if "AWSPREVIOUS" in labels:
+            return version
+    raise StateError("the secret has no AWSPREVIOUS version")
+
+
 # CloudWatch Logs
 
 
@@ -544,6 +639,7 @@ def main(argv: list[str]) -> int:
         "output": ["file", "name", "key"],
         "stack-failure": ["dir", "name"],
         "outputs": ["file"],
+        "changed-parameters": ["file", "pairs"],
         "taskdefs": ["dir"],
         "rollout": ["dir", "expected"],
         "serving": ["dir"],
@@ -556,6 +652,11 @@ def main(argv: list[str]) -> int:
         "history": ["dir", "live"],
         "logs": ["dir", "lines"],
         "events": ["file", "lines"],
+        "register-input": ["file", "image"],
+        "started-task": ["file", "what"],
+        "task-outcome": ["file", "what"],
+        "missing-previous": ["file"],
+        "previous-version": ["file"],
     }.items():
         command = sub.add_parser(name)
         for arg in args:
@@ -582,6 +683,9 @@ def run(args, base: Path) -> tuple[int, str]:
             return OK, stack_failure(stack, events, args.name)
         case "outputs":
             return OK, "\n".join(outputs(load(Path(args.file))))
+        case "changed-parameters":
+            pairs = Path(args.pairs).read_text().splitlines()
+            return OK, "\n".join(changed_parameters(load(Path(args.file)), pairs))
         case "taskdefs":
             found = {d["taskDefinition"] for d in the_service(services).get("deployments") or []}
             return OK, "\n".join(sorted(found))
@@ -614,6 +718,16 @@ def run(args, base: Path) -> tuple[int, str]:
             return OK, "\n".join(logs(base, int(args.lines)))
         case "events":
             return OK, "\n".join(filtered(load(Path(args.file)), int(args.lines)))
+        case "register-input":
+            return OK, register_input(load(Path(args.file)), args.image)
+        case "started-task":
+            return OK, started_task(load(Path(args.file)), args.what)
+        case "task-outcome":
+            return task_outcome(load(Path(args.file)), args.what)
+        case "missing-previous":
+            return OK, missing_previous(load(Path(args.file)))
+        case "previous-version":
+            return OK, previous_version(load(Path(args.file)))
     raise StateError(f"unknown command {args.command}")  # argparse already refuses these
 
 

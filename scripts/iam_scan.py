@@ -36,6 +36,7 @@ PLACEHOLDERS = {  # parameters without a default, as make stack-deploy fills the
     "TaskRoleName": "cars-api-base-TaskRole-a1b2c3",
     "TaskSubnets": "subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002",
     "TaskPublicIp": "true",
+    "MigrationExecutionRoleName": "cars-api-data-MigrationExecutionRole-a1b2c3",
 }
 # The one finding accepted by design, with its reason (passed as cloudsplaining's exclusions).
 ACCEPTED = {

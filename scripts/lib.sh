@@ -5,6 +5,7 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 AWS_REGION=${AWS_REGION:-eu-west-1}
 BASE_STACK=${BASE_STACK:-cars-api-base}
+DATA_STACK=${DATA_STACK:-cars-api-data}
 SERVICE_STACK=${SERVICE_STACK:-cars-api-service}
 IMAGE=${IMAGE:-cars-api}
 CONTAINER=${CONTAINER:-docker}
@@ -105,6 +106,67 @@ load_base() {
 # Console URL of the CloudWatch dashboard of service stack $1 (service.yaml names it after the stack).
 dashboard_url() {
   echo "https://$AWS_REGION.console.aws.amazon.com/cloudwatch/home?region=$AWS_REGION#dashboards/dashboard/$1"
+}
+
+# The awsvpc network configuration of one-off tasks: the service's subnets, security group
+# (MySQL to the database, HTTPS to AWS) and public IP setting, from the base stack outputs.
+task_network() {
+  local file="$WORK/base.json" subnets group public
+  subnets=$(state_or_die output "$file" "$BASE_STACK" TaskSubnets)
+  group=$(state_or_die output "$file" "$BASE_STACK" ServiceSecurityGroup)
+  public=$(state_or_die output "$file" "$BASE_STACK" TaskAssignPublicIp)
+  printf 'awsvpcConfiguration={subnets=[%s],securityGroups=[%s],assignPublicIp=%s}\n' \
+    "$subnets" "$group" "$public"
+}
+
+# Runs task definition $1 once on Fargate in the cluster and waits (bounded by TASK_TIMEOUT) until
+# it stops; returns 0 when its container exited 0. $2 names it in messages. Anything else (it did
+# not start, exited non-zero, overran: then it is stopped) dies with why and says nothing changed.
+run_one_off() {
+  local taskdef=$1 what=$2 timeout=${TASK_TIMEOUT:-900} task msg rc network
+  local deadline=$((SECONDS + timeout))
+  network=$(task_network)
+  awsq ecs run-task --cluster "$CLUSTER" --task-definition "$taskdef" --launch-type FARGATE \
+    --count 1 --started-by "cars-api-$what" --network-configuration "$network" \
+    --output json >"$WORK/run-task.json"
+  task=$(state_or_die started-task "$WORK/run-task.json" "$what")
+  say "Started the $what task $task"
+  while :; do
+    awsq ecs describe-tasks --cluster "$CLUSTER" --tasks "$task" --output json >"$WORK/task.json"
+    rc=0
+    msg=$(state task-outcome "$WORK/task.json" "$what") || rc=$?
+    case $rc in
+      0) say "$msg"; return 0 ;;
+      3) ;;
+      *) die "$msg; see make logs (stream prefix $what): nothing else changed" ;;
+    esac
+    if ((SECONDS >= deadline)); then
+      aws_ ecs stop-task --cluster "$CLUSTER" --task "$task" \
+        --reason "cars-api $what overran ${timeout}s" --output json >/dev/null 2>&1 || true
+      die "$msg after ${timeout}s: stopped it; nothing else changed (TASK_TIMEOUT waits longer)"
+    fi
+    say "  $msg"
+    sleep "${POLL_SECONDS:-15}"
+  done
+}
+
+# Applies the schema migrations of image $1 (repository@digest) with the migration identity,
+# before the service changes: registers the data stack's migration task family with the new
+# image and runs it. Secrets go from Secrets Manager into the task; none passes through here.
+run_migration() {
+  local image=$1 family
+  describe_stack "$DATA_STACK" "$WORK/data.json" \
+    || die "stack $DATA_STACK not found in $AWS_REGION: create it first with make stack-deploy"
+  family=$(state_or_die output "$WORK/data.json" "$DATA_STACK" MigrationTaskFamily)
+  aws_ ecs describe-task-definition --task-definition "$family" --output json \
+    >"$WORK/migrate-taskdef.json" 2>"$WORK/aws.err" \
+    || die "no migration task definition $family ($(last_line "$WORK/aws.err")): make" \
+      "stack-deploy creates it once an image is in the repository; nothing changed"
+  state_or_die register-input "$WORK/migrate-taskdef.json" "$image" >"$WORK/migrate-register.json"
+  awsq ecs register-task-definition --cli-input-json "file://$WORK/migrate-register.json" \
+    --output json >"$WORK/migrate-registered.json"
+  say "Migrating the database schema with $image (task family $family)"
+  run_one_off "$family" migration
 }
 
 # Reads SERVICE_NAME from the service stack; returns 1 when no release was deployed yet.
@@ -306,10 +368,18 @@ deploy_release() {
   if describe_stack "$SERVICE_STACK" "$WORK/service-stack.json"; then
     state_or_die stack "$WORK/service-stack.json" "$SERVICE_STACK" >/dev/null
   fi
+  # Migrations only move forward: a rollback runs none, and an older image that cannot serve
+  # the newer schema answers 503 on /ready (its schema check), which stops the rollback.
+  if [[ "${DEPLOY_KIND:-}" == rollback ]]; then
+    say "Rollback: no migration runs (the schema stays as it is)"
+  else
+    run_migration "$expected"
+  fi
   say "Deploying $REPOSITORY_URI:$tag by digest $digest (stack $SERVICE_STACK, region $AWS_REGION)"
   cfn_deploy --stack-name "$SERVICE_STACK" --template-file "$ROOT/cloudformation/service.yaml" \
     --capabilities CAPABILITY_IAM \
-    --parameter-overrides "BaseStackName=$BASE_STACK" "ImageTag=$tag@$digest" \
+    --parameter-overrides "BaseStackName=$BASE_STACK" "DataStackName=$DATA_STACK" \
+    "ImageTag=$tag@$digest" \
     || report_failed_deploy "$expected"
   load_service || die "stack $SERVICE_STACK has no ServiceName output after the deploy"
   wait_for_rollout "$expected"

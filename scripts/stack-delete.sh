@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# stack-delete.sh: delete the service, CI access and base stacks, after confirmation; say what survives.
+# stack-delete.sh: delete the service, CI access, data and base stacks, after confirmation; say what
+# survives.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -7,22 +8,23 @@ CI_STACK=${CI_STACK:-cars-api-ci-access}
 
 usage() {
   cat >&2 <<'USAGE'
-usage: make stack-delete [CONFIRM=<stack name>] [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
-                         [CI_STACK=...]
-Deletes the service stack, the CI access stack (deploy role), then the base stack, after you type
-the base stack's name (or the service stack's, when only it exists); CONFIRM=<that name> answers
-without a prompt.
+usage: make stack-delete [CONFIRM=<stack name>] [AWS_REGION=...] [BASE_STACK=...] [DATA_STACK=...]
+                         [SERVICE_STACK=...] [CI_STACK=...]
+Deletes the service stack, the CI access stack (deploy role), the data stack, then the base stack,
+after you type the base stack's name (or the service stack's, when only it exists);
+CONFIRM=<that name> answers without a prompt.
 The database has deletion protection: turn it off first (the command is printed).
 What survives the deletion: the final database snapshot, the ECR repository with its images, the
-two Secrets Manager secrets (database credentials, API token) and the audit bucket (load balancer
-and VPC flow logs); each is printed with how to remove it.
+Secrets Manager secrets of the migration and app users and of the API token (RDS deletes the master
+secret it manages with the instance) and the audit bucket (load balancer and VPC flow logs); each
+is printed with how to remove it.
 USAGE
 }
 
-# Dies unless the database of the base stack may be deleted (deletion protection off).
+# Dies unless the database of the data stack may be deleted (deletion protection off).
 check_database() {
   local id protected
-  id=$(state output "$WORK/base.json" "$BASE_STACK" DatabaseInstanceId) || return 0
+  id=$(state output "$WORK/data.json" "$DATA_STACK" DatabaseInstanceId) || return 0
   protected=$(awsq rds describe-db-instances --db-instance-identifier "$id" \
     --query 'DBInstances[0].DeletionProtection' --output text)
   [[ "$protected" != True ]] || die "database $id has deletion protection on; nothing was deleted." \
@@ -51,11 +53,11 @@ delete_stack() {
   say "Deleted stack $1."
 }
 
-# What the base stack retains (DeletionPolicy Retain/Snapshot in base.yaml), with its identifiers.
+# What the data and base stacks retain (DeletionPolicy Retain/Snapshot), with their identifiers.
 survivors() {
   local id
   say "What survives, on purpose:"
-  if id=$(state output "$WORK/base.json" "$BASE_STACK" DatabaseInstanceId); then
+  if id=$(state output "$WORK/data.json" "$DATA_STACK" DatabaseInstanceId); then
     say "  - the final snapshot of database $id:" \
       "aws rds describe-db-snapshots --db-instance-identifier $id --snapshot-type manual --region $AWS_REGION"
   fi
@@ -67,34 +69,44 @@ survivors() {
     say "  - S3 bucket $id with the load balancer and VPC flow logs (they expire after the" \
       "retention period; delete: aws s3 rb s3://$id --force --region $AWS_REGION)"
   fi
-  for id in DatabaseSecretArn ApiTokenSecretArn; do
-    if id=$(state output "$WORK/base.json" "$BASE_STACK" "$id"); then
+  for id in MigrationSecretArn AppSecretArn; do
+    if id=$(state output "$WORK/data.json" "$DATA_STACK" "$id"); then
       say "  - secret $id (delete: aws secretsmanager delete-secret --secret-id $id --region $AWS_REGION)"
     fi
   done
+  if id=$(state output "$WORK/base.json" "$BASE_STACK" ApiTokenSecretArn); then
+    say "  - secret $id (delete: aws secretsmanager delete-secret --secret-id $id --region $AWS_REGION)"
+  fi
 }
 
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
   require_tools aws python3
   require_credentials
-  local service=false ci=false base=false
+  local service=false ci=false data=false base=false
   describe_stack "$SERVICE_STACK" "$WORK/service-stack.json" && service=true
   describe_stack "$CI_STACK" "$WORK/ci-stack.json" && ci=true
+  describe_stack "$DATA_STACK" "$WORK/data.json" && data=true
   describe_stack "$BASE_STACK" "$WORK/base.json" && base=true
-  $service || $ci || $base \
+  $service || $ci || $data || $base \
     || die "nothing to delete: neither $SERVICE_STACK nor $BASE_STACK exists in $AWS_REGION"
-  if $base; then check_database; fi
+  if $data; then check_database; fi
   say "This deletes, in $AWS_REGION:"
   if $service; then say "  - stack $SERVICE_STACK: the ECS service (the API stops answering), its tasks and alarms"; fi
   if $ci; then say "  - stack $CI_STACK: the GitHub Actions deploy role (and the OIDC provider if it made it)"; fi
-  if $base; then
-    say "  - stack $BASE_STACK: network, load balancer, cluster, log group (the logs are lost)," \
-      "database (after a final snapshot), alarm topic, firewall and task roles"
-    survivors
+  if $data; then
+    say "  - stack $DATA_STACK: the database (after a final snapshot), its alarms, log groups," \
+      "CA bundle, rotation functions and one-off task definitions"
   fi
   if $base; then
+    say "  - stack $BASE_STACK: network, load balancer, cluster, log group (the logs are lost)," \
+      "alarm topic, firewall and task roles"
+  fi
+  if $data || $base; then survivors; fi
+  if $base; then
     confirm "$BASE_STACK"
+  elif $data; then
+    confirm "$DATA_STACK"
   elif $service; then
     confirm "$SERVICE_STACK"
   else
@@ -102,6 +114,7 @@ main() {
   fi
   if $service; then delete_stack "$SERVICE_STACK"; fi
   if $ci; then delete_stack "$CI_STACK"; fi
+  if $data; then delete_stack "$DATA_STACK"; fi
   if $base; then delete_stack "$BASE_STACK"; fi
   say "Done. A later make stack-deploy creates a new, empty database; delete the ECR repository" \
     "above first, or give it REPOSITORY_NAME=<another name>, since the name is still taken."

@@ -1,5 +1,6 @@
-"""The AWS make targets: misuse is refused clearly, and stack-deploy / rollback / history / status /
-logs / stack-delete run end to end against moto's server (a real AWS API emulator on 127.0.0.1).
+"""The AWS make targets: misuse is refused clearly, and stack-deploy / deploy / rotate-token /
+rollback / history / status / logs / stack-delete run end to end against moto's server (a real AWS
+API emulator on 127.0.0.1; tests/moto_fixes.py fills three CloudFormation gaps data.yaml needs).
 
 moto's CloudFormation reports no Outputs for base.yaml (it cannot resolve some of them) and cannot
 run Fargate deployments, so the targets that read outputs also run against a small stack that has
@@ -24,6 +25,7 @@ from conftest import ROOT, free_port, image_manifest
 from test_verify import ENGINE
 
 VENV_BIN = ROOT / ".venv" / "bin"
+MOTO = ROOT / "tests" / "moto_fixes.py"  # moto's server with the gaps data.yaml meets filled
 REGION = "eu-west-1"
 MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
 SHA_A = "aaaa1111aaaa1111aaaa1111aaaa1111aaaa1111"
@@ -37,11 +39,24 @@ GITHUB = {
 # A stack with the outputs the scripts read from the base stack (the Infrastructure contract).
 STUB = {
     "Resources": {
+        "ApiTokenSecret": {
+            "Type": "AWS::SecretsManager::Secret",
+            "Properties": {"GenerateSecretString": {"PasswordLength": 48}},
+        },
         "Repository": {
             "Type": "AWS::ECR::Repository",
             "Properties": {"RepositoryName": "cars-api-stub", "ImageTagMutability": "IMMUTABLE"},
         },
         "Cluster": {"Type": "AWS::ECS::Cluster"},
+        "Vpc": {"Type": "AWS::EC2::VPC", "Properties": {"CidrBlock": "10.20.0.0/16"}},
+        "Subnet": {
+            "Type": "AWS::EC2::Subnet",
+            "Properties": {"VpcId": {"Ref": "Vpc"}, "CidrBlock": "10.20.0.0/24"},
+        },
+        "ServiceSecurityGroup": {
+            "Type": "AWS::EC2::SecurityGroup",
+            "Properties": {"GroupDescription": "tasks", "VpcId": {"Ref": "Vpc"}},
+        },
         "LogGroup": {
             "Type": "AWS::Logs::LogGroup",
             "Properties": {"LogGroupName": "/ecs/cars-api-stub", "RetentionInDays": 7},
@@ -53,7 +68,36 @@ STUB = {
         "ClusterName": {"Value": {"Ref": "Cluster"}},
         "LogGroupName": {"Value": {"Ref": "LogGroup"}},
         "ServiceUrl": {"Value": "http://127.0.0.1:9"},
+        "ApiTokenSecretArn": {"Value": {"Ref": "ApiTokenSecret"}},
+        "TaskSubnets": {"Value": {"Ref": "Subnet"}},
+        "ServiceSecurityGroup": {"Value": {"Fn::GetAtt": ["ServiceSecurityGroup", "GroupId"]}},
+        "TaskAssignPublicIp": {"Value": "ENABLED"},
     },
+}
+# A stack with the output the release reads from the data stack, and its migration task family.
+MIGRATE_FAMILY = "cars-api-stub-data-migrate"
+DATA_STUB = {
+    "Resources": {
+        "MigrationTaskDefinition": {
+            "Type": "AWS::ECS::TaskDefinition",
+            "Properties": {
+                "Family": MIGRATE_FAMILY,
+                "RequiresCompatibilities": ["FARGATE"],
+                "NetworkMode": "awsvpc",
+                "Cpu": "256",
+                "Memory": "512",
+                "ContainerDefinitions": [
+                    {
+                        "Name": "cars-api",
+                        "Image": "placeholder",
+                        "Memory": 512,  # moto's RunTask sums container memory
+                        "Command": ["python", "cars.py", "migrate"],
+                    }
+                ],
+            },
+        }
+    },
+    "Outputs": {"MigrationTaskFamily": {"Value": MIGRATE_FAMILY}},
 }
 
 
@@ -63,7 +107,7 @@ def moto_url(tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [str(VENV_BIN / "python"), str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -83,10 +127,28 @@ def moto_url(tmp_path_factory):
     log.close()
 
 
+OPENSSL_CA = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+
+
+def pem_bundle(path, *names):
+    """A file of self-signed PEM certificates, one per name (a stand-in RDS CA bundle)."""
+    parts = []
+    for name in names:
+        subprocess.run(
+            [*OPENSSL_CA, "-subj", f"/CN={name}", "-keyout", f"{path}.key", "-out", f"{path}.one"],
+            check=True,
+            capture_output=True,
+        )
+        parts.append(Path(str(path) + ".one").read_text())
+    path.write_text("".join(parts))
+    return path
+
+
 @pytest.fixture(scope="module")
 def aws_env(moto_url, tmp_path_factory):
     """The environment of a user pointed at moto: test credentials, no profile or config files."""
     home = tmp_path_factory.mktemp("home")
+    bundle = pem_bundle(home / "rds-ca.pem", "Test RDS root CA")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         {
@@ -99,6 +161,7 @@ def aws_env(moto_url, tmp_path_factory):
             "AWS_CONFIG_FILE": str(home / "no-config"),
             "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
             "AWS_EC2_METADATA_DISABLED": "true",
+            "RDS_CA_BUNDLE": str(bundle),  # no download from AWS in the tests
         }
     )
     return env
@@ -176,7 +239,13 @@ def stub(aws_env, moto_url):
             },
         ],
     )
-    return {**aws_env, "BASE_STACK": "cars-api-stub", "SERVICE_STACK": "cars-api-stub-service"}
+    cfn.create_stack(StackName="cars-api-stub-data", TemplateBody=json.dumps(DATA_STUB))
+    return {
+        **aws_env,
+        "BASE_STACK": "cars-api-stub",
+        "DATA_STACK": "cars-api-stub-data",
+        "SERVICE_STACK": "cars-api-stub-service",
+    }
 
 
 # Misuse: refused before any AWS call, with a usage line
@@ -338,7 +407,7 @@ def test_stack_deploy_creates_the_base_stack_resources(base_stack, moto_url):
     assert clusters["clusters"][0]["status"] == "ACTIVE"
     groups = client("logs", moto_url).describe_log_groups(logGroupNamePrefix="/ecs/cars-api")
     group = next(g for g in groups["logGroups"] if g["logGroupName"] == "/ecs/cars-api")
-    assert group["retentionInDays"] == 30
+    assert group["retentionInDays"] == 365, "the Makefile's LOG_RETENTION_DAYS"
     ec2 = client("ec2", moto_url)
     vpc = resources["Vpc"]
     subnets = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"]
@@ -415,6 +484,91 @@ def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
     )
     ci = cfn.describe_stacks(StackName="cars-api-ci-access")["Stacks"][0]
     assert ci.get("LastUpdatedTime") is None, "the CI access stack is unchanged too"
+    assert "The RDS CA bundle (1 certificates) is current" in again.stdout
+    assert "Wrote the RDS CA bundle" not in again.stdout
+
+
+def resources(cfn, stack):
+    return {
+        r["LogicalResourceId"]: r["PhysicalResourceId"]
+        for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]
+    }
+
+
+def test_stack_deploy_creates_the_data_stack_between_base_and_ci_access(
+    base_stack, aws_env, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    order = [
+        line.split()[2] for line in base_stack.stdout.splitlines() if "Deploying stack" in line
+    ]
+    assert order == ["cars-api-base", "cars-api-data", "cars-api-ci-access"]
+    cfn = client("cloudformation", moto_url)
+    stack = cfn.describe_stacks(StackName="cars-api-data")["Stacks"][0]
+    # (UPDATE_COMPLETE after the second run's test: moto updates a stack whose settings are equal)
+    assert stack["StackStatus"] in ("CREATE_COMPLETE", "UPDATE_COMPLETE")
+    parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+    base = resources(cfn, "cars-api-base")
+    data = resources(cfn, "cars-api-data")
+    assert parameters["LogRetentionDays"] == "365"
+    assert parameters["DatabaseSecurityGroup"] == base["DatabaseSecurityGroup"]
+    assert parameters["AlarmTopicArn"] == base["AlarmTopic"]
+    endpoint = parameters["CreateSecretsManagerEndpoint"]  # pragma: allowlist secret
+    assert endpoint == "true", "public tasks: the base stack has none"
+    for subnet in ("PrivateSubnetA", "PrivateSubnetB"):
+        assert base[subnet] in parameters["PrivateSubnets"]
+    (database,) = client("rds", moto_url).describe_db_instances(
+        DBInstanceIdentifier="cars-api-data"
+    )["DBInstances"]
+    assert database["Engine"] == "mysql"
+    assert database["PubliclyAccessible"] is False
+    (group,) = database["DBParameterGroups"]
+    assert group["DBParameterGroupName"] == data["DatabaseParameterGroup"]
+    logs = client("logs", moto_url)
+    for kind in ("error", "slowquery"):
+        name = f"/aws/rds/instance/cars-api-data/{kind}"
+        (found,) = logs.describe_log_groups(logGroupNamePrefix=name)["logGroups"]
+        assert found["retentionInDays"] == 365, name
+    # The CA bundle: written from RDS_CA_BUNDLE (no download), exactly.
+    secrets = client("secretsmanager", moto_url)
+    bundle = Path(aws_env["RDS_CA_BUNDLE"]).read_text()
+    stored = secrets.get_secret_value(SecretId=data["CaBundleSecret"])["SecretString"]
+    assert stored == bundle
+    assert "Wrote the RDS CA bundle (1 certificates)" in base_stack.stdout
+    # The service reads AWSPREVIOUS of the token: it exists from the start.
+    stages = secrets.describe_secret(SecretId=base["ApiTokenSecret"])["VersionIdsToStages"]
+    assert any({"AWSCURRENT", "AWSPREVIOUS"} <= set(labels) for labels in stages.values())
+    # No image yet: no bootstrap task, and it says what to do.
+    assert "no image in the repository yet, so no bootstrap task" in base_stack.stdout
+    assert "BootstrapTaskDefinition" not in data
+    ci = cfn.describe_stacks(StackName="cars-api-ci-access")["Stacks"][0]
+    ci_parameters = {p["ParameterKey"]: p["ParameterValue"] for p in ci["Parameters"]}
+    assert ci_parameters["DataStackName"] == "cars-api-data"
+    assert ci_parameters["MigrationExecutionRoleName"] == data["MigrationExecutionRole"]
+
+
+def test_stack_deploy_writes_only_pem_certificates_into_the_ca_bundle(aws_env, moto_url, tmp_path):
+    env = {**aws_env, "AWS_REGION": "ca-central-1"}
+    junk = tmp_path / "junk.pem"
+    junk.write_text("<html>not found</html>\n")
+    with_key = pem_bundle(tmp_path / "with-key.pem", "CA")
+    with_key.write_text(with_key.read_text() + Path(str(with_key) + ".key").read_text())
+    cfn = client("cloudformation", moto_url, region="ca-central-1")
+    secrets = client("secretsmanager", moto_url, region="ca-central-1")
+    for bad in (junk, with_key):
+        result = make("stack-deploy", {**env, "RDS_CA_BUNDLE": str(bad)}, **GITHUB)
+        assert result.returncode != 0
+        assert error_line(result) == (
+            f"error: the RDS CA bundle {bad} is not a file of PEM certificates; nothing written"
+        )
+        secret = resources(cfn, "cars-api-data")["CaBundleSecret"]
+        stored = secrets.get_secret_value(SecretId=secret)["SecretString"]
+        assert "BEGIN" not in stored, "the placeholder is still there"
+    two = pem_bundle(tmp_path / "two.pem", "Old root", "New root")
+    result = make("stack-deploy", {**env, "RDS_CA_BUNDLE": str(two)}, **GITHUB)
+    assert result.returncode == 0, result.stderr
+    assert "Wrote the RDS CA bundle (2 certificates)" in result.stdout
+    assert secrets.get_secret_value(SecretId=secret)["SecretString"] == two.read_text()
 
 
 def test_rollback_on_the_real_base_stack_changes_nothing_when_it_cannot_proceed(
@@ -497,6 +651,7 @@ def test_every_stack_deploy_setting_names_a_parameter_of_its_stack():
     for functions, name in (
         (("base_parameters", "s3_prefix_list"), "base.yaml"),
         (("ci_parameters",), "ci-access.yaml"),
+        (("data_parameters",), "data.yaml"),
     ):
         passed = set().union(*(passed_in(f) for f in functions))
         template, _ = decode(str(ROOT / "cloudformation" / name))
@@ -504,6 +659,10 @@ def test_every_stack_deploy_setting_names_a_parameter_of_its_stack():
         assert passed <= set(template["Parameters"]), passed - set(template["Parameters"])
     assert "S3PrefixListId" in passed_in("s3_prefix_list")
     assert {"GitHubRepositoryId", "GitHubOwnerId", "TaskSubnets"} <= passed_in("ci_parameters")
+    assert {"DataStackName", "MigrationExecutionRoleName"} <= passed_in("ci_parameters")
+    assert {"VpcId", "PrivateSubnets", "AlarmTopicArn", "LogRetentionDays"} <= passed_in(
+        "data_parameters"
+    )
 
 
 # The release's checks against moto's ECR API (a stand-in engine: no registry to push to here)
@@ -558,3 +717,100 @@ def test_rollback_to_an_image_ecr_never_scanned_needs_the_override(stub, moto_ur
     assert "ECR has no scan of sha256:" in line
     assert line.endswith(f"to roll back anyway: make rollback SHA={SHA_B} ALLOW_VULNERABLE=true")
     assert not stack_exists(client("cloudformation", moto_url), "cars-api-stub-service")
+
+
+# The release's migration step against moto's ECS (its tasks stop with exit code 0)
+
+
+def test_deploy_runs_the_migration_task_with_the_new_image_before_the_service_stack(stub, moto_url):
+    ecr = client("ecr", moto_url)
+    clean = {
+        "repositoryName": "cars-api-stub",
+        "imageId": {},
+        "imageScanStatus": {"status": "COMPLETE", "description": "clean"},
+        "imageScanFindings": {"findings": [], "findingSeverityCounts": {}},
+    }
+    request = urllib.request.Request(
+        f"{moto_url}/moto-api/static/ecr/scan-finding-results",
+        data=json.dumps({"results": [clean], "region": REGION}).encode(),
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=5).close()
+    ecr.start_image_scan(repositoryName="cars-api-stub", imageId={"imageTag": SHA_A})
+    (image,) = ecr.describe_images(repositoryName="cars-api-stub", imageIds=[{"imageTag": SHA_A}])[
+        "imageDetails"
+    ]
+    uri = f"123456789012.dkr.ecr.{REGION}.amazonaws.com/cars-api-stub"
+    expected = f"{uri}@{image['imageDigest']}"
+    result = make("deploy", {**stub, "POLL_SECONDS": "0"}, SHA=SHA_A)
+    # moto's CloudFormation cannot create the service stack (no data stack exports): the release
+    # stops there, after the migration ran.
+    assert result.returncode != 0
+    lines = result.stdout.splitlines()
+    assert "the migration task exited 0" in lines, result.stdout + result.stderr
+    migrated = lines.index("the migration task exited 0")
+    deploying = next(i for i, line in enumerate(lines) if line.startswith("Deploying "))
+    assert migrated < deploying, "the schema changes before the service does"
+    assert f"Migrating the database schema with {expected}" in result.stdout
+    ecs = client("ecs", moto_url)
+    started = re.search(r"Started the migration task (arn:\S+/(\S+)/\S+)", result.stdout)
+    (task,) = ecs.describe_tasks(cluster=started[2], tasks=[started[1]])["tasks"]
+    assert task["startedBy"] == "cars-api-migration"
+    assert task["lastStatus"] == "STOPPED"
+    definition = ecs.describe_task_definition(taskDefinition=task["taskDefinitionArn"])
+    container = definition["taskDefinition"]["containerDefinitions"][0]
+    assert definition["taskDefinition"]["family"] == MIGRATE_FAMILY
+    assert container["image"] == expected
+    assert container["command"] == ["python", "cars.py", "migrate"]
+    assert task["overrides"].get("containerOverrides", []) == [], "no credential passes through"
+
+
+# make rotate-token against moto's Secrets Manager
+
+
+def token_stages(moto_url, stub):
+    secrets = client("secretsmanager", moto_url)
+    stack = client("cloudformation", moto_url).describe_stacks(StackName=stub["BASE_STACK"])
+    arn = next(
+        o["OutputValue"]
+        for o in stack["Stacks"][0]["Outputs"]
+        if o["OutputKey"] == "ApiTokenSecretArn"
+    )
+
+    def value(stage):
+        return secrets.get_secret_value(SecretId=arn, VersionStage=stage)["SecretString"]
+
+    return value("AWSCURRENT"), value("AWSPREVIOUS") if has_previous(secrets, arn) else None
+
+
+def has_previous(secrets, arn):
+    stages = secrets.describe_secret(SecretId=arn)["VersionIdsToStages"]
+    return any("AWSPREVIOUS" in labels for labels in stages.values())
+
+
+def test_rotate_token_puts_a_new_token_and_keeps_the_old_one_as_previous(stub, moto_url):
+    before, _ = token_stages(moto_url, stub)
+    result = make("rotate-token", stub)
+    assert result.returncode == 0, result.stderr
+    current, previous = token_stages(moto_url, stub)
+    assert previous == before
+    assert current != before
+    assert len(current) >= 32
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", current), "header-safe"
+    assert current not in result.stdout + result.stderr, "never printed"
+    assert "No service yet (stack cars-api-stub-service)" in result.stdout
+
+
+def test_rotate_token_with_revoke_refuses_the_old_token_too(stub, moto_url):
+    result = make("rotate-token", stub, REVOKE_PREVIOUS="true")
+    assert result.returncode == 0, result.stderr
+    current, previous = token_stages(moto_url, stub)
+    assert previous == current
+    assert "Revoked the previous token" in result.stdout
+
+
+def test_rotate_token_refuses_a_setting_that_is_not_true_or_false(stub):
+    result = make("rotate-token", stub, ROLL_TASKS="yes")
+    assert result.returncode == 2
+    assert "ROLL_TASKS must be true or false, not 'yes'" in error_line(result)
+    assert "usage: make rotate-token" in result.stderr

@@ -16,12 +16,16 @@ _SPEC = importlib.util.spec_from_file_location(
 )
 iam_scan = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(iam_scan)
-SECRET_VARIABLES = {"MYSQL_USER", "MYSQL_PASSWORD", "API_TOKEN"}
+SECRET_VARIABLES = {
+    "MYSQL_USER",
+    "MYSQL_PASSWORD",
+    "MYSQL_SSL_CA",
+    "API_TOKEN",
+    "API_TOKEN_PREVIOUS",
+}
 STATEFUL_TYPES = {
-    "AWS::ECR::Repository",
-    "AWS::Logs::LogGroup",
-    "AWS::RDS::DBInstance",
-    "AWS::SecretsManager::Secret",
+    "base.yaml": {"AWS::ECR::Repository", "AWS::Logs::LogGroup", "AWS::SecretsManager::Secret"},
+    "data.yaml": {"AWS::RDS::DBInstance", "AWS::Logs::LogGroup", "AWS::SecretsManager::Secret"},
 }
 BASE_OUTPUTS = {
     "VpcId",
@@ -41,12 +45,7 @@ BASE_OUTPUTS = {
     "ClusterArn",
     "LogGroupName",
     "LogGroupArn",
-    "DatabaseSecretArn",
     "ApiTokenSecretArn",
-    "DatabaseHost",
-    "DatabasePort",
-    "DatabaseName",
-    "DatabaseInstanceId",
     "AlarmTopicArn",
     "ExecutionRoleArn",
     "TaskRoleArn",
@@ -77,7 +76,12 @@ def ci():
     return load("ci-access.yaml")
 
 
-@pytest.fixture(params=["base.yaml", "ci-access.yaml", "service.yaml"], scope="module")
+@pytest.fixture(scope="module")
+def data():
+    return load("data.yaml")
+
+
+@pytest.fixture(params=["base.yaml", "ci-access.yaml", "data.yaml", "service.yaml"], scope="module")
 def template(request):
     return load(request.param)
 
@@ -87,9 +91,9 @@ def rendered(template, **parameters):
     return iam_scan.Renderer(template, **parameters).resources()
 
 
-def imported(output):
-    """How the service stack reads an output of the base stack."""
-    return {"Fn::ImportValue": {"Fn::Sub": f"${{BaseStackName}}:{output}"}}
+def imported(output, stack="BaseStackName"):
+    """How the service stack reads an output of the base (or data) stack."""
+    return {"Fn::ImportValue": {"Fn::Sub": f"${{{stack}}}:{output}"}}
 
 
 def as_list(value):
@@ -192,12 +196,12 @@ def test_wildcard_resources_are_limited_to_actions_without_resource_level_permis
             ), f"{action} on '*'"
 
 
-@pytest.mark.parametrize("name", ["base.yaml", "service.yaml"])
+@pytest.mark.parametrize("name", ["data.yaml", "service.yaml"])
 def test_every_alarm_notifies_the_alarm_topic(name):
     template = load(name)
     alarms = resources_of(template, "AWS::CloudWatch::Alarm")
     assert alarms
-    topic = {"Ref": "AlarmTopic"} if "AlarmTopic" in template["Resources"] else None
+    topic = {"Ref": "AlarmTopicArn"} if "AlarmTopicArn" in template["Parameters"] else None
     for name, alarm in alarms.items():
         expected = topic or imported("AlarmTopicArn")
         assert alarm["Properties"]["AlarmActions"] == [expected], name
@@ -227,9 +231,6 @@ def test_base_parameters_have_the_contract_defaults(base):
     parameters = base["Parameters"]
     expected = {
         "CertificateArn": "",
-        "DatabaseMultiAz": "false",
-        "DatabaseInstanceClass": "db.t4g.micro",
-        "LogRetentionDays": 30,
         "AlarmEmail": "",
         "AllowPlaintextWrites": "false",
         "WebApplicationFirewall": "true",
@@ -240,24 +241,26 @@ def test_base_parameters_have_the_contract_defaults(base):
         assert parameters[name]["Default"] == default, name
 
 
-def test_stateful_resources_carry_deletion_and_update_replace_policies(base):
+@pytest.mark.parametrize("template_name", sorted(STATEFUL_TYPES))
+def test_stateful_resources_carry_deletion_and_update_replace_policies(template_name):
+    types = STATEFUL_TYPES[template_name]
     stateful = {
         name: resource
-        for name, resource in base["Resources"].items()
-        if resource["Type"] in STATEFUL_TYPES
+        for name, resource in load(template_name)["Resources"].items()
+        if resource["Type"] in types
     }
-    assert {r["Type"] for r in stateful.values()} == STATEFUL_TYPES
+    assert {r["Type"] for r in stateful.values()} == types
     for name, resource in stateful.items():
         assert resource.get("DeletionPolicy") in {"Retain", "Snapshot", "Delete"}, name
         assert resource.get("UpdateReplacePolicy") == resource["DeletionPolicy"], name
 
 
-def test_data_survives_stack_deletion(base):
-    resources = base["Resources"]
-    assert resources["Database"]["DeletionPolicy"] == "Snapshot"
-    assert resources["Repository"]["DeletionPolicy"] == "Retain"
-    for secret in resources_of(base, "AWS::SecretsManager::Secret").values():
-        assert secret["DeletionPolicy"] == "Retain"
+def test_data_survives_stack_deletion(base, data):
+    assert data["Resources"]["Database"]["DeletionPolicy"] == "Snapshot"
+    assert base["Resources"]["Repository"]["DeletionPolicy"] == "Retain"
+    assert base["Resources"]["ApiTokenSecret"]["DeletionPolicy"] == "Retain"
+    for name in ("MigrationSecret", "AppSecret"):  # the snapshot is useless without the users
+        assert data["Resources"][name]["DeletionPolicy"] == "Retain", name
 
 
 def test_repository_tags_are_immutable_and_scanned_on_push(base):
@@ -285,8 +288,8 @@ def test_log_group_is_named_for_the_service_and_has_retention(base):
     assert log_group["RetentionInDays"] == {"Ref": "LogRetentionDays"}
 
 
-def test_database_is_private_encrypted_protected_and_backed_up(base):
-    database = base["Resources"]["Database"]["Properties"]
+def test_database_is_private_encrypted_protected_and_backed_up(data):
+    database = data["Resources"]["Database"]["Properties"]
     assert database["Engine"] == "mysql"
     assert re.fullmatch(r"8\.4\.\d+", database["EngineVersion"]), "pin a MySQL 8.4 LTS minor"
     assert database["EngineLifecycleSupport"] == "open-source-rds-extended-support-disabled"
@@ -295,27 +298,13 @@ def test_database_is_private_encrypted_protected_and_backed_up(base):
     assert database["DeletionProtection"] is True
     assert database["BackupRetentionPeriod"] >= 7
     assert database["MultiAZ"] == {"Fn::If": ["IsMultiAz", True, False]}
-    subnets = base["Resources"]["DatabaseSubnetGroup"]["Properties"]["SubnetIds"]
-    assert subnets == [{"Ref": "PrivateSubnetA"}, {"Ref": "PrivateSubnetB"}]
+    subnets = data["Resources"]["DatabaseSubnetGroup"]["Properties"]["SubnetIds"]
+    assert subnets == {"Ref": "PrivateSubnets"}
 
 
 def test_private_subnets_have_no_route_to_the_internet(base):
     for route in resources_of(base, "AWS::EC2::Route").values():
         assert route["Properties"]["RouteTableId"] != {"Ref": "PrivateRouteTable"}
-
-
-def test_database_credentials_are_generated_and_resolved_from_the_secret(base):
-    secret = base["Resources"]["DatabaseSecret"]["Properties"]["GenerateSecretString"]
-    assert json.loads(secret["SecretStringTemplate"]) == {"username": "cars"}
-    assert secret["GenerateStringKey"] == "password"
-    assert set("/@\" '") <= set(secret["ExcludeCharacters"])
-    database = base["Resources"]["Database"]["Properties"]
-    for prop, key in (("MasterUsername", "username"), ("MasterUserPassword", "password")):
-        reference = f"{{{{resolve:secretsmanager:${{DatabaseSecret}}:SecretString:{key}}}}}"
-        assert database[prop] == {"Fn::Sub": reference}, prop
-    attachment = base["Resources"]["DatabaseSecretAttachment"]["Properties"]
-    assert attachment["SecretId"] == {"Ref": "DatabaseSecret"}
-    assert attachment["TargetId"] == {"Ref": "Database"}
 
 
 def test_api_token_is_generated_by_secrets_manager(base):
@@ -333,13 +322,24 @@ def test_no_template_holds_a_literal_secret(template):
             )
 
 
-def test_database_accepts_mysql_only_from_the_service(base):
+def test_database_accepts_mysql_only_from_the_service_and_the_rotation(base, data):
     rules = ingress_rules(base, "DatabaseSecurityGroup")
     assert rules
     for rule in rules:
         assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 3306, 3306)
         assert rule["SourceSecurityGroupId"] == {"Ref": "ServiceSecurityGroup"}
         assert "CidrIp" not in rule
+    extra = resources_of(data, "AWS::EC2::SecurityGroupIngress")
+    assert [r["Properties"] for r in extra.values()] == [
+        {
+            "Description": "MySQL from the secret rotation functions",
+            "GroupId": {"Ref": "DatabaseSecurityGroup"},
+            "IpProtocol": "tcp",
+            "FromPort": 3306,
+            "ToPort": 3306,
+            "SourceSecurityGroupId": {"Ref": "RotationSecurityGroup"},
+        }
+    ]
 
 
 def test_service_accepts_8080_only_from_the_load_balancer(base):
@@ -587,7 +587,9 @@ DEPLOY_ROLE_ACTIONS = {
     "ecs:ListTaskDefinitions",
     "ecs:ListTasks",
     "ecs:RegisterTaskDefinition",
+    "ecs:RunTask",  # the release's migration task only
     "ecs:StopServiceDeployment",
+    "ecs:StopTask",  # a migration that overruns its time
     "ecs:TagResource",
     "ecs:UntagResource",
     "ecs:UpdateService",
@@ -626,6 +628,7 @@ BASE_RESOURCES = {
     "ExecutionRoleName": "execution-x",
     "TaskRoleName": "task-x",
     "TaskSubnets": "subnet-1,subnet-2",
+    "MigrationExecutionRoleName": "migration-x",
 }
 
 
@@ -656,11 +659,12 @@ def test_deploy_role_has_no_iam_write_action(ci):
     assert iam == {"iam:PassRole"}
 
 
-def test_deploy_role_passes_exactly_the_two_task_roles_only_to_ecs_tasks(ci):
+def test_deploy_role_passes_exactly_the_task_roles_and_the_migration_role_only_to_ecs_tasks(ci):
     (statement,) = granting(deploy_statements(ci), "iam:PassRole")
     assert as_list(statement["Action"]) == ["iam:PassRole"]
     assert sorted(statement["Resource"]) == [
         "arn:aws:iam::123456789012:role/cars-api/execution-x",
+        "arn:aws:iam::123456789012:role/cars-api/migration-x",
         "arn:aws:iam::123456789012:role/cars-api/task-x",
     ]
     assert statement["Condition"] == {
@@ -670,6 +674,7 @@ def test_deploy_role_passes_exactly_the_two_task_roles_only_to_ecs_tasks(ci):
 
 SERVICE_ARN = "arn:aws:ecs:eu-west-1:123456789012:service/cluster-x/cars-api-service"
 FAMILY_ARN = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cars-api-service:*"
+MIGRATE_ARN = "arn:aws:ecs:eu-west-1:123456789012:task-definition/cars-api-data-migrate:*"
 
 
 def test_deploy_role_changes_only_the_one_service_with_its_family_and_subnets(ci):
@@ -689,7 +694,7 @@ def test_deploy_role_changes_only_the_one_service_with_its_family_and_subnets(ci
             }
     statements_ = deploy_statements(ci)
     (register,) = granting(statements_, "ecs:RegisterTaskDefinition")
-    assert register["Resource"] == FAMILY_ARN
+    assert register["Resource"] == [FAMILY_ARN, MIGRATE_ARN]
     for action in ("ecs:DeleteService", "ecs:TagResource", "ecs:DescribeServices"):
         for statement in granting(statements_, action):
             assert SERVICE_ARN in as_list(statement["Resource"])
@@ -731,7 +736,7 @@ def test_deploy_role_alarm_actions_reach_only_the_topic_and_the_service_scaling(
 
 
 def test_every_wildcard_resource_says_why():
-    for name in ("base.yaml", "ci-access.yaml", "service.yaml"):
+    for name in ("base.yaml", "ci-access.yaml", "data.yaml", "service.yaml"):
         for number, line in enumerate((TEMPLATES / name).read_text().splitlines(), 1):
             if re.search(r"Resource: '\*'", line):
                 assert re.search(r"'\*'\s+#\s*\S.{10,}", line), f"{name}:{number} {line.strip()}"
@@ -932,7 +937,7 @@ def test_execution_role_is_scoped_to_the_repository_secrets_and_log_group(base):
         "ecr:BatchCheckLayerAvailability": [{"Fn::GetAtt": ["Repository", "Arn"]}],
         "ecr:BatchGetImage": [{"Fn::GetAtt": ["Repository", "Arn"]}],
         "ecr:GetDownloadUrlForLayer": [{"Fn::GetAtt": ["Repository", "Arn"]}],
-        "secretsmanager:GetSecretValue": [{"Ref": "DatabaseSecret"}, {"Ref": "ApiTokenSecret"}],
+        "secretsmanager:GetSecretValue": [{"Ref": "ApiTokenSecret"}],
         "logs:CreateLogStream": [{"Fn::GetAtt": ["LogGroup", "Arn"]}],
         "logs:PutLogEvents": [{"Fn::GetAtt": ["LogGroup", "Arn"]}],
     }
@@ -963,10 +968,10 @@ def test_task_roles_are_long_lived_and_trust_only_ecs_tasks(base):
     assert not resources_of(base, "AWS::IAM::ManagedPolicy"), "no boundary left to maintain"
 
 
-def test_database_alarms_watch_cpu_and_free_storage(base):
+def test_database_alarms_watch_cpu_and_free_storage(data):
     metrics = {
         a["Properties"]["MetricName"]: a["Properties"]
-        for a in resources_of(base, "AWS::CloudWatch::Alarm").values()
+        for a in resources_of(data, "AWS::CloudWatch::Alarm").values()
     }
     assert set(metrics) >= {"CPUUtilization", "FreeStorageSpace"}
     for alarm in metrics.values():
@@ -984,15 +989,21 @@ def test_service_exports_every_output_of_the_contract(service):
     assert set(service["Outputs"]) == SERVICE_OUTPUTS
 
 
-def test_service_imports_only_what_the_base_stack_exports(base, service):
-    names = set()
+def test_service_imports_only_what_the_base_and_data_stacks_export(base, data, service):
+    names = {"${BaseStackName}": set(), "${DataStackName}": set()}
     for node in walk(service):
         if isinstance(node, dict) and "Fn::ImportValue" in node:
             prefix, _, name = node["Fn::ImportValue"]["Fn::Sub"].partition(":")
-            assert prefix == "${BaseStackName}"
-            names.add(name)
-    assert names
-    assert names <= set(base["Outputs"])
+            names[prefix].add(name)
+    assert names["${BaseStackName}"] <= set(base["Outputs"])
+    assert names["${DataStackName}"] <= set(data["Outputs"])
+    assert names["${DataStackName}"] == {
+        "DatabaseHost",
+        "DatabasePort",
+        "DatabaseName",
+        "AppSecretArn",
+        "CaBundleSecretArn",
+    }
 
 
 def test_service_parameters_follow_the_contract(service):
@@ -1000,6 +1011,7 @@ def test_service_parameters_follow_the_contract(service):
     assert "Default" not in parameters["ImageTag"]
     expected = {
         "BaseStackName": "cars-api-base",
+        "DataStackName": "cars-api-data",
         "DesiredCount": 2,
         "MinCapacity": 2,
         "MaxCapacity": 6,
@@ -1053,23 +1065,30 @@ def test_secrets_reach_the_container_only_through_value_from(service):
     assert not any(re.search("PASSWORD|TOKEN|SECRET|KEY", name) for name in plain)
     secrets = {secret["Name"]: secret["ValueFrom"] for secret in definition["Secrets"]}
     assert set(secrets) == SECRET_VARIABLES
-    database_secret = imported("DatabaseSecretArn")
+    # The app identity: user name and password from the same secret, since rotation alternates
+    # between cars_app and cars_app_clone.
+    app_secret = imported("AppSecretArn", "DataStackName")
     assert secrets["MYSQL_USER"] == {
-        "Fn::Sub": ["${SecretArn}:username::", {"SecretArn": database_secret}]
+        "Fn::Sub": ["${SecretArn}:username::", {"SecretArn": app_secret}]
     }
     assert secrets["MYSQL_PASSWORD"] == {
-        "Fn::Sub": ["${SecretArn}:password::", {"SecretArn": database_secret}]
+        "Fn::Sub": ["${SecretArn}:password::", {"SecretArn": app_secret}]
     }
+    assert secrets["MYSQL_SSL_CA"] == imported("CaBundleSecretArn", "DataStackName")
     assert secrets["API_TOKEN"] == imported("ApiTokenSecretArn")
+    assert secrets["API_TOKEN_PREVIOUS"] == {
+        "Fn::Sub": ["${SecretArn}::AWSPREVIOUS:", {"SecretArn": imported("ApiTokenSecretArn")}]
+    }
 
 
-def test_container_reaches_the_database_of_the_base_stack(service):
+def test_container_reaches_the_database_of_the_data_stack_and_never_migrates(service):
     environment = {v["Name"]: v["Value"] for v in container(service)["Environment"]}
     assert environment["HOST"] == "0.0.0.0"  # noqa: S104 - the container must listen on its ENI
     assert environment["PORT"] == "8080"
-    assert environment["MYSQL_HOST"] == imported("DatabaseHost")
-    assert environment["MYSQL_PORT"] == imported("DatabasePort")
-    assert environment["MYSQL_DATABASE"] == imported("DatabaseName")
+    assert environment["MYSQL_HOST"] == imported("DatabaseHost", "DataStackName")
+    assert environment["MYSQL_PORT"] == imported("DatabasePort", "DataStackName")
+    assert environment["MYSQL_DATABASE"] == imported("DatabaseName", "DataStackName")
+    assert environment["AUTO_MIGRATE"] == "false", "the release's migration task does it"
 
 
 def test_task_runs_on_fargate_with_parameterised_size(service):

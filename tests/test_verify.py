@@ -1,4 +1,4 @@
-"""Release verification over recorded AWS responses: completed, rolled back, stuck, wrong image.
+"""Release verification over recorded AWS responses: migration, rollout done, rolled back, stuck.
 
 No emulator can make ECS roll a deployment back, so these tests replay AWS answers recorded in the
 shapes the APIs document (tests/aws/*.json) through a stand-in `aws` command, and drive the real
@@ -44,6 +44,11 @@ for flag in ("--stack-name", "--task-definition"):
 home = os.environ["REPLAY_DIR"]
 with open(os.path.join(home, "calls.log"), "a") as log:
     log.write(" ".join(sys.argv[1:]) + "\\n")
+for arg in args:  # keep the files a call reads (the scripts delete theirs on exit)
+    if arg.startswith("file://"):
+        os.makedirs(os.path.join(home, "inputs"), exist_ok=True)
+        with open(os.path.join(home, "inputs", os.path.basename(arg)), "w") as copy:
+            copy.write(open(arg[7:]).read())
 plan = json.load(open(os.path.join(home, "plan.json")))
 if key not in plan:
     sys.stderr.write("replay: no recorded response for: " + key + "\\n")
@@ -136,6 +141,18 @@ def base_plan(service_stack, services, deploy=None):
         "ecs describe-services": [recorded(f) for f in services],
         f"ecs describe-task-definition {TD_OLD}": [recorded("taskdef-old.json")],
         f"ecs describe-task-definition {TD_NEW}": [recorded("taskdef-new.json")],
+        # The release's migration: the data stack's family, registered with the new image, run
+        # once; it exits 0 unless a test plans otherwise.
+        "cloudformation describe-stacks cars-api-data": [recorded("stack-data.json")],
+        "ecs describe-task-definition cars-api-data-migrate": [recorded("taskdef-migrate.json")],
+        "ecs register-task-definition": [recorded("taskdef-migrate-registered.json")],
+        "ecs run-task cars-api-data-migrate": [recorded("run-task-migrate.json")],
+        "ecs describe-tasks": [
+            recorded("tasks-migrate-pending.json"),
+            recorded("tasks-migrate-running.json"),
+            recorded("tasks-migrate-exit-0.json"),
+        ],
+        "ecs stop-task": [{"stdout": "{}"}],
     }
 
 
@@ -188,6 +205,127 @@ def last_error(result):
 
 def deploys(result):
     return [call for call in result.calls if " cloudformation deploy " in f" {call} "]
+
+
+# The migration step of make deploy / release, over recorded responses
+
+
+def called(result, *commands):
+    """The calls among these 'service command' pairs, in the order they were made."""
+    return [c for call in result.calls for c in commands if f" {c} " in f" {call} "]
+
+
+def migration_calls(result):
+    return called(result, "ecs run-task", "ecs stop-task")
+
+
+def test_migration_that_exits_0_runs_with_the_new_image_before_the_service_changes(
+    replay, tmp_path
+):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    result = replay(f"deploy SHA={NEW}", plan)
+    assert result.returncode == 0, result.stderr
+    assert called(
+        result, "ecs register-task-definition", "ecs run-task", "cloudformation deploy"
+    ) == ["ecs register-task-definition", "ecs run-task", "cloudformation deploy"]
+    run = next(call for call in result.calls if " ecs run-task " in f" {call} ")
+    assert "--task-definition cars-api-data-migrate " in run
+    assert "--launch-type FARGATE" in run
+    assert "subnets=[subnet-0a1b2c3d4e5f60001,subnet-0a1b2c3d4e5f60002]" in run
+    assert "securityGroups=[sg-0c1d2e3f4a5b60001],assignPublicIp=ENABLED" in run
+    assert "--overrides" not in run, "the task reads its credentials from Secrets Manager"
+    registered = json.loads((tmp_path / "inputs" / "migrate-register.json").read_text())
+    assert registered["family"] == "cars-api-data-migrate"
+    (container,) = registered["containerDefinitions"]
+    assert container["image"] == f"{REPOSITORY}@{NEW_DIGEST}"
+    assert container["command"] == ["python", "cars.py", "migrate"]
+    assert {s["name"] for s in container["secrets"]} == {
+        "MYSQL_USER",
+        "MYSQL_PASSWORD",
+        "MYSQL_SSL_CA",
+    }
+    assert registered["executionRoleArn"].endswith("MigrationExecutionRole-VMJ1PVI99J0S")
+    assert not {"taskDefinitionArn", "revision", "status", "registeredAt"} & set(registered)
+    assert "the migration task is PENDING" in result.stdout
+    assert "the migration task exited 0" in result.stdout
+    assert "DataStackName=cars-api-data" in deploys(result)[0]
+
+
+def test_migration_that_exits_1_stops_the_deploy_and_leaves_the_service_alone(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan["ecs describe-tasks"] = [recorded("tasks-migrate-exit-1.json")]
+    result = replay(f"deploy SHA={NEW}", plan)
+    assert result.returncode != 0
+    assert last_error(result) == (
+        "error: the migration task exited 1 (Essential container in task exited); see make logs "
+        "(stream prefix migration): nothing else changed"
+    )
+    assert deploys(result) == []
+    assert called(result, "ecs describe-services") == []
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"ecs run-task cars-api-data-migrate": [recorded("run-task-no-capacity.json")]},
+            "error: the migration task did not start: Capacity is unavailable at this time.",
+        ),
+        (
+            {"ecs describe-tasks": [recorded("tasks-migrate-secrets-failed.json")]},
+            "error: the migration task stopped before its container ran: "
+            "ResourceInitializationError: unable to pull secrets",
+        ),
+        (
+            {"ecs describe-tasks": [recorded("tasks-migrate-pending.json")]},
+            "error: the migration task is PENDING after 0s: stopped it; nothing else changed",
+        ),
+    ],
+    ids=["no-capacity", "secrets-unreadable", "never-runs"],
+)
+def test_migration_task_that_never_runs_stops_the_deploy(replay, change, expected):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan.update(change)
+    result = replay(f"deploy SHA={NEW}", plan, TASK_TIMEOUT="0")
+    assert result.returncode != 0
+    assert last_error(result).startswith(expected)
+    assert deploys(result) == []
+    stopped = called(result, "ecs stop-task")
+    assert bool(stopped) is ("after 0s" in expected), "only an overrunning task is stopped"
+
+
+def test_release_migrates_before_it_deploys_too(replay, archive):
+    result = replay(f"release SHA={NEW}", release_plan(), **archive)
+    assert result.returncode == 0, result.stderr
+    assert "the migration task exited 0" in result.stdout
+    assert called(result, "ecs run-task", "cloudformation deploy") == [
+        "ecs run-task",
+        "cloudformation deploy",
+    ]
+
+
+def test_rollback_runs_no_migration(replay):
+    plan = base_plan(["stack-service.json"], ["services-rolled-back.json"])
+    result = replay(f"rollback SHA={OLD}", plan)
+    assert result.returncode == 0, result.stderr
+    assert migration_calls(result) == []
+    assert "Rollback: no migration runs" in result.stdout
+
+
+def test_a_missing_migration_task_definition_stops_the_deploy(replay):
+    plan = base_plan(["stack-service.json"], ["services-completed.json"])
+    plan["ecs describe-task-definition cars-api-data-migrate"] = [
+        {
+            "exit": 254,
+            "stderr": "\nAn error occurred (ClientException) when calling the "
+            "DescribeTaskDefinition operation: Unable to describe task definition.\n",
+        }
+    ]
+    result = replay(f"deploy SHA={NEW}", plan)
+    assert result.returncode != 0
+    assert "no migration task definition cars-api-data-migrate" in last_error(result)
+    assert last_error(result).endswith("nothing changed")
+    assert deploys(result) == []
 
 
 # make deploy / rollback, end to end over recorded responses

@@ -19,7 +19,7 @@ from cfnlint.decode import decode
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
-BASE_TEMPLATE = ROOT / "cloudformation" / "base.yaml"
+DATA_TEMPLATE = ROOT / "cloudformation" / "data.yaml"  # the database's stack
 CI_ACCESS_TEMPLATE = ROOT / "cloudformation" / "ci-access.yaml"
 
 OIDC_HOST = "token.actions.githubusercontent.com"
@@ -55,8 +55,8 @@ def rollback(workflows: dict[str, dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base_template() -> dict:
-    template, matches = decode(str(BASE_TEMPLATE))
+def data_template() -> dict:
+    template, matches = decode(str(DATA_TEMPLATE))
     assert template is not None, [str(match) for match in matches]
     return template
 
@@ -132,10 +132,10 @@ def test_the_test_job_has_a_healthchecked_mysql_service_on_port_3306(ci: dict) -
     assert "mysqladmin ping" in mysql["options"]
 
 
-def test_the_tests_run_on_the_mysql_version_production_runs(ci: dict, base_template: dict) -> None:
+def test_the_tests_run_on_the_mysql_version_production_runs(ci: dict, data_template: dict) -> None:
     [database] = [
         resource["Properties"]
-        for resource in base_template["Resources"].values()
+        for resource in data_template["Resources"].values()
         if resource["Type"] == "AWS::RDS::DBInstance"
     ]
     assert database["Engine"] == "mysql"
