@@ -14,9 +14,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import boto3
 import pymysql
 import pytest
 import webtest
+from cfnlint.decode import decode
 
 import cars
 
@@ -29,6 +31,11 @@ MYSQL = {
 }
 TOKEN = "test-token-for-writes-0123456789abcdef"  # noqa: S105 -- a made-up token that only the tests use
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1")
+TEMPLATES = ROOT / "cloudformation"
+VENV_BIN = ROOT / ".venv" / "bin"
+MOTO = ROOT / "tests" / "moto_fixes.py"  # moto's server with the gaps data.yaml meets filled
+REGION = "eu-west-1"
+MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
 
 
 def free_port():
@@ -234,3 +241,91 @@ def gate():
     g = Gate()
     yield g
     g.close()
+
+
+# ------------------------------------------------------------------ templates and moto
+
+
+def load_template(name):
+    """Parse one template of cloudformation/ as cfn-lint does; fail on any parse error."""
+    template, matches = decode(str(TEMPLATES / name))
+    assert not matches, f"{name} does not parse: {matches}"
+    return template
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_template("base.yaml")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_template("data.yaml")
+
+
+@pytest.fixture(scope="module")
+def service():
+    return load_template("service.yaml")
+
+
+@pytest.fixture(scope="module")
+def ci():
+    return load_template("ci-access.yaml")
+
+
+@pytest.fixture(scope="module")
+def moto_url(tmp_path_factory):
+    """moto's server on a free port of 127.0.0.1, for one test module."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "python"), str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto server did not start (see {log.name})")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def aws_env(moto_url, tmp_path_factory):
+    """The environment of a user pointed at moto: test credentials, no profile or config files."""
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        {
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "HOME": str(home),
+            "AWS_ENDPOINT_URL": moto_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": MOTO_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_CONFIG_FILE": str(home / "no-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+    return env
+
+
+def client(service, moto_url, region=REGION):
+    """A boto3 client of moto's server."""
+    return boto3.client(
+        service,
+        region_name=region,
+        endpoint_url=moto_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key=MOTO_KEY,
+    )

@@ -4,13 +4,13 @@ import json
 import re
 
 import pytest
+from conftest import load_template
 from test_templates import (
     BASE_RESOURCES,
     TEMPLATES,
     as_list,
     deploy_statements,
     granting,
-    load,
     resources_of,
     statements,
     walk,
@@ -28,16 +28,6 @@ INTERFACE_OUTPUTS = {
 }
 MASTER_SECRET = {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}
 CLUSTER_ARN = "arn:aws:ecs:eu-west-1:123456789012:cluster/cluster-x"
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load("data.yaml")
-
-
-@pytest.fixture(scope="module")
-def ci():
-    return load("ci-access.yaml")
 
 
 def resource(data, name):
@@ -70,7 +60,7 @@ def test_data_stack_exports_the_interface_outputs(data):
 
 
 def test_base_stack_holds_no_database_any_more():
-    base = load("base.yaml")
+    base = load_template("base.yaml")
     assert not resources_of(base, "AWS::RDS::DBInstance")
     assert not {"DatabaseInstanceClass", "DatabaseMultiAz"} & set(base["Parameters"])
     assert "LogRetentionDays" in base["Parameters"]
@@ -128,7 +118,7 @@ def test_only_the_bootstrap_task_and_the_rotation_ever_see_the_master_secret(dat
     assert MASTER_SECRET in read["Resource"]
     for role in ("MigrationExecutionRole", "TaskRefreshRole"):
         assert not mentions(data["Resources"][role], "MasterUserSecret"), role
-    assert not mentions(load("service.yaml"), "MasterUserSecret")
+    assert not mentions(load_template("service.yaml"), "MasterUserSecret")
 
 
 def test_the_deploy_role_can_read_no_secret_at_all(ci):
@@ -294,7 +284,7 @@ def test_database_refuses_connections_without_tls_1_2_or_1_3(data):
 
 
 def test_the_rds_ca_bundle_reaches_every_task_as_pem_text(data):
-    service = load("service.yaml")
+    service = load_template("service.yaml")
     (container,) = service["Resources"]["TaskDefinition"]["Properties"]["ContainerDefinitions"]
     ca = {"Fn::ImportValue": {"Fn::Sub": "${DataStackName}:CaBundleSecretArn"}}
     assert secrets_of({"Secrets": container["Secrets"]})["MYSQL_SSL_CA"] == ca
@@ -384,7 +374,7 @@ def test_rds_events_reach_the_alarm_topic_which_lets_rds_publish(data):
         "maintenance",
         "low storage",
     }
-    base = load("base.yaml")
+    base = load_template("base.yaml")
     policy = base["Resources"]["AlarmTopicPolicy"]["Properties"]
     assert policy["Topics"] == [{"Ref": "AlarmTopic"}]
     publishers = [

@@ -18,16 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 from cfnlint.decode import decode
-from conftest import ROOT, free_port, image_manifest
+from conftest import REGION, ROOT, client, image_manifest
 from test_verify import ENGINE
 
-VENV_BIN = ROOT / ".venv" / "bin"
-MOTO = ROOT / "tests" / "moto_fixes.py"  # moto's server with the gaps data.yaml meets filled
-REGION = "eu-west-1"
-MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
 SHA_A = "aaaa1111aaaa1111aaaa1111aaaa1111aaaa1111"
 SHA_B = "bbbb2222bbbb2222bbbb2222bbbb2222bbbb2222"
 # The repository the deploy role trusts, by name and by GitHub's numeric ids.
@@ -101,32 +96,6 @@ DATA_STUB = {
 }
 
 
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
-    """moto's server on a free port of 127.0.0.1, for this module's tests."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "python"), str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto server did not start (see {log.name})")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
-
-
 OPENSSL_CA = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
 
 
@@ -145,26 +114,10 @@ def pem_bundle(path, *names):
 
 
 @pytest.fixture(scope="module")
-def aws_env(moto_url, tmp_path_factory):
-    """The environment of a user pointed at moto: test credentials, no profile or config files."""
-    home = tmp_path_factory.mktemp("home")
-    bundle = pem_bundle(home / "rds-ca.pem", "Test RDS root CA")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        {
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "HOME": str(home),
-            "AWS_ENDPOINT_URL": moto_url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": MOTO_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_CONFIG_FILE": str(home / "no-config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "RDS_CA_BUNDLE": str(bundle),  # no download from AWS in the tests
-        }
-    )
-    return env
+def aws_env(aws_env):
+    """conftest's moto user, with a local stand-in for the RDS CA bundle (no download from AWS)."""
+    home = Path(aws_env["HOME"])
+    return {**aws_env, "RDS_CA_BUNDLE": str(pem_bundle(home / "rds-ca.pem", "Test RDS root CA"))}
 
 
 def make(target, env, stdin=subprocess.DEVNULL, **variables):
@@ -185,16 +138,6 @@ def error_line(result):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert lines, f"no error line in: {result.stderr}"
     return lines[-1]
-
-
-def client(service, moto_url, region=REGION):
-    return boto3.client(
-        service,
-        region_name=region,
-        endpoint_url=moto_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key=MOTO_KEY,
-    )
 
 
 def stack_exists(cfn, name):

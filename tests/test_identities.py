@@ -53,10 +53,10 @@ def root():
     return pymysql.connect(**MYSQL, autocommit=True, connect_timeout=5)
 
 
-def bootstrap(env):
-    """Run `python cars.py bootstrap`; return (exit code, log lines)."""
+def run_cars(command, env):
+    """Run `python cars.py <command>` to the end; return (exit code, log lines)."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "cars.py"), "bootstrap"],
+        [sys.executable, str(ROOT / "cars.py"), command],
         env=command_env(env),
         cwd=ROOT,
         capture_output=True,
@@ -67,23 +67,19 @@ def bootstrap(env):
     return done.returncode, log_lines(done.stdout + done.stderr)
 
 
+def bootstrap(env):
+    """Run `python cars.py bootstrap`; return (exit code, log lines)."""
+    return run_cars("bootstrap", env)
+
+
 def migrate_as(identities, kind):
-    """Run `python cars.py migrate` as one identity; return its exit code."""
+    """Run `python cars.py migrate` as one identity; return its exit code and log lines."""
     env = {
         **mysql_env(identities.database),
         "MYSQL_USER": identities.users[kind],
         "MYSQL_PASSWORD": identities.passwords[kind],
     }
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "cars.py"), "migrate"],
-        env=command_env(env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return done.returncode, log_lines(done.stdout + done.stderr)
+    return run_cars("migrate", env)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ of base.yaml against the lines it printed; the script tests run against moto's s
 """
 
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -15,15 +14,9 @@ import time
 import urllib.error
 import urllib.request
 
-import boto3
 import pytest
-from cfnlint.decode import decode
-from conftest import ROOT, TOKEN, free_port
+from conftest import REGION, ROOT, TEMPLATES, TOKEN, client, free_port, load_template
 
-TEMPLATES = ROOT / "cloudformation"
-VENV_BIN = ROOT / ".venv" / "bin"
-REGION = "eu-west-1"
-MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
 # The values CloudWatch Logs accepts for a log group's retention (PutRetentionPolicy).
 CLOUDWATCH_RETENTION_DAYS = [
     1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
@@ -32,24 +25,8 @@ CLOUDWATCH_RETENTION_DAYS = [
 LOG_NAMESPACE = "cars-api"
 
 
-def load(name):
-    template, matches = decode(str(TEMPLATES / name))
-    assert not matches, f"{name} does not parse: {matches}"
-    return template
-
-
 def all_templates():
-    return {path.name: load(path.name) for path in sorted(TEMPLATES.glob("*.yaml"))}
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load("base.yaml")
-
-
-@pytest.fixture(scope="module")
-def service():
-    return load("service.yaml")
+    return {path.name: load_template(path.name) for path in sorted(TEMPLATES.glob("*.yaml"))}
 
 
 def resources_of(template, resource_type):
@@ -131,7 +108,7 @@ def resolve(name, variables, templates):
 def dashboard_templates(base, service):
     templates = {"base": base, "service": service}
     if (TEMPLATES / "data.yaml").exists():
-        templates["data"] = load("data.yaml")
+        templates["data"] = load_template("data.yaml")
     return templates
 
 
@@ -481,7 +458,7 @@ def test_every_log_group_and_the_audit_bucket_keep_logs_for_the_retention_parame
             retention = group["Properties"]["RetentionInDays"]
             assert retention == {"Ref": "LogRetentionDays"}, f"{name} {logical}"
     assert groups >= 2
-    base = load("base.yaml")
+    base = load_template("base.yaml")
     (rule,) = base["Resources"]["AuditBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
     assert rule["Status"] == "Enabled"
     assert rule["ExpirationInDays"] == {"Ref": "LogRetentionDays"}
@@ -594,7 +571,7 @@ def test_vpc_flow_logs_record_rejected_traffic_into_the_audit_bucket(base):
 
 
 def test_deploy_role_manages_only_the_service_stacks_dashboard():
-    ci = load("ci-access.yaml")
+    ci = load_template("ci-access.yaml")
     policies = ci["Resources"]["DeployRole"]["Properties"]["Policies"]
     statements = [s for p in policies for s in p["PolicyDocument"]["Statement"]]
     dashboards = [s for s in statements if any("Dashboard" in a for a in s["Action"])]
@@ -630,63 +607,6 @@ def test_readme_says_what_to_look_at_first_for_every_alarm_and_what_operations_c
 
 
 # ------------------------------------------------------------------ the scripts, against moto
-
-
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
-    """moto's server on a free port of 127.0.0.1, for this module's tests."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto server did not start (see {log.name})")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def aws_env(moto_url, tmp_path_factory):
-    """The environment of a user pointed at moto: test credentials, no profile or config files."""
-    home = tmp_path_factory.mktemp("home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        {
-            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "HOME": str(home),
-            "AWS_ENDPOINT_URL": moto_url,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": MOTO_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_CONFIG_FILE": str(home / "no-config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-    )
-    return env
-
-
-def client(service, moto_url):
-    return boto3.client(
-        service,
-        region_name=REGION,
-        endpoint_url=moto_url,
-        aws_access_key_id="testing",
-        aws_secret_access_key=MOTO_KEY,
-    )
 
 
 def run(command, env, **variables):

@@ -3,14 +3,12 @@
 import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
-from cfnlint.decode import decode
+from conftest import TEMPLATES, load_template
 
 import cars
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "cloudformation"
 _SPEC = importlib.util.spec_from_file_location(
     "iam_scan", TEMPLATES.parent / "scripts" / "iam_scan.py"
 )
@@ -55,35 +53,9 @@ BASE_OUTPUTS = {
 SERVICE_OUTPUTS = {"ServiceName", "ServiceArn", "TaskDefinitionArn", "ImageUri"}
 
 
-def load(name):
-    template, matches = decode(str(TEMPLATES / name))
-    assert not matches, f"{name} does not parse: {matches}"
-    return template
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load("base.yaml")
-
-
-@pytest.fixture(scope="module")
-def service():
-    return load("service.yaml")
-
-
-@pytest.fixture(scope="module")
-def ci():
-    return load("ci-access.yaml")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load("data.yaml")
-
-
 @pytest.fixture(params=["base.yaml", "ci-access.yaml", "data.yaml", "service.yaml"], scope="module")
 def template(request):
-    return load(request.param)
+    return load_template(request.param)
 
 
 def rendered(template, **parameters):
@@ -200,7 +172,7 @@ def test_wildcard_resources_are_limited_to_actions_without_resource_level_permis
 
 @pytest.mark.parametrize("name", ["data.yaml", "service.yaml"])
 def test_every_alarm_notifies_the_alarm_topic(name):
-    template = load(name)
+    template = load_template(name)
     alarms = resources_of(template, "AWS::CloudWatch::Alarm")
     assert alarms
     topic = {"Ref": "AlarmTopicArn"} if "AlarmTopicArn" in template["Parameters"] else None
@@ -248,7 +220,7 @@ def test_stateful_resources_carry_deletion_and_update_replace_policies(template_
     types = STATEFUL_TYPES[template_name]
     stateful = {
         name: resource
-        for name, resource in load(template_name)["Resources"].items()
+        for name, resource in load_template(template_name)["Resources"].items()
         if resource["Type"] in types
     }
     assert {r["Type"] for r in stateful.values()} == types
