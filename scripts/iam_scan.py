@@ -23,6 +23,10 @@ PSEUDO = {
     "AWS::Region": "eu-west-1",
     "AWS::AccountId": "123456789012",
     "AWS::StackName": "cars-api-base",
+    "AWS::StackId": (
+        "arn:aws:cloudformation:eu-west-1:123456789012:stack/cars-api-base/"
+        "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"
+    ),
 }
 PLACEHOLDERS = {  # parameters without a default, as make stack-deploy fills them in
     "GitHubRepository": "example-owner/cars-api",
@@ -130,6 +134,13 @@ class Renderer:
                 name = argument[0]
                 kind = self.template["Resources"][name]["Type"].split("::")[1].lower()
                 return self.arn(name, kind)
+            if key == "Fn::Split":
+                separator, text = argument
+                return self.render(text).split(separator)
+            if key == "Fn::Select":
+                index, items = argument[0], self.render(argument[1])
+                if isinstance(items, list):  # else (Fn::GetAZs) it stays as written
+                    return items[int(index)]
             if key == "Fn::If":
                 chosen = argument[1] if self.condition(argument[0]) else argument[2]
                 return self.render(chosen)

@@ -479,9 +479,10 @@ def test_audit_bucket_is_encrypted_private_and_owned_by_the_account(base):
     assert properties["OwnershipControls"] == {
         "Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]
     }
-    # Evidence outlives the stack; no fixed name, so that a new stack can make a new bucket.
+    # Evidence outlives the stack; the name carries the stack id, so a new stack of the same
+    # name makes a new bucket.
     assert bucket["DeletionPolicy"] == bucket["UpdateReplacePolicy"] == "Retain"
-    assert "BucketName" not in properties
+    assert "${Id}" in properties["BucketName"]["Fn::Sub"][0]
 
 
 def audit_statements(base):
@@ -518,12 +519,12 @@ def test_only_log_delivery_may_write_to_the_audit_bucket_under_its_prefixes(base
     account = legacy["AWS"]["Fn::Sub"][1]["Id"]
     assert account == {"Fn::FindInMap": ["ElbLogAccount", {"Ref": "AWS::Region"}, "Id"]}
     assert elb["Resource"] == {"Fn::Sub": "${AuditBucket.Arn}/alb-*/AWSLogs/${AWS::AccountId}/*"}
-    for sid in ("FlowLogsCheck", "FlowLogsWrite"):
+    for sid in ("LogDeliveryCheck", "LogDeliveryWrite"):
         assert statements[sid]["Principal"] == {"Service": "delivery.logs.amazonaws.com"}
         assert statements[sid]["Condition"] == {
             "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
         }
-    assert statements["FlowLogsWrite"]["Resource"] == {
+    assert statements["LogDeliveryWrite"]["Resource"] == {
         "Fn::Sub": "${AuditBucket.Arn}/AWSLogs/${AWS::AccountId}/*"
     }
 
@@ -551,12 +552,22 @@ def test_load_balancer_writes_access_and_connection_logs_to_the_audit_bucket(bas
     assert balancer["DependsOn"] == "AuditBucketPolicy"
 
 
-def test_waf_logs_redacted_to_a_log_group_with_the_retention(base):
-    logging = base["Resources"]["WafLogging"]["Properties"]
-    assert logging["RedactedFields"] == [{"SingleHeader": {"Name": "authorization"}}]
-    group = base["Resources"]["WafLogGroup"]
-    assert group["Condition"] == base["Resources"]["WebAcl"]["Condition"] == "UseWaf"
-    assert group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+def test_waf_logs_redacted_into_the_audit_bucket_which_waf_accepts_by_name(base):
+    waf_logging = base["Resources"]["WafLogging"]
+    assert waf_logging["Condition"] == base["Resources"]["WebAcl"]["Condition"] == "UseWaf"
+    properties = waf_logging["Properties"]
+    assert properties["RedactedFields"] == [{"SingleHeader": {"Name": "authorization"}}]
+    assert properties["LogDestinationConfigs"] == [{"Fn::GetAtt": ["AuditBucket", "Arn"]}]
+    assert waf_logging["DependsOn"] == "AuditBucketPolicy"
+    name, values = base["Resources"]["AuditBucket"]["Properties"]["BucketName"]["Fn::Sub"]
+    assert name.startswith("aws-waf-logs-")  # WAF logs to no other bucket
+    assert "AWS::StackId" in json.dumps(values["Id"])
+    # 13 + 12 + 1 + the longest Region name (14) + 1 + 8 hex digits of the stack id
+    assert len(name.replace("${AWS::AccountId}", "1" * 12).replace("${AWS::Region}", "x" * 14)
+               .replace("${Id}", "f" * 8)) <= 63  # fmt: skip
+    assert "${AWS::StackName}" not in name  # a stack name may hold capitals; bucket names cannot
+    groups = resources_of(base, "AWS::Logs::LogGroup").values()
+    assert not [g for g in groups if "aws-waf-logs" in json.dumps(g)]  # one place for WAF logs
 
 
 def test_vpc_flow_logs_record_rejected_traffic_into_the_audit_bucket(base):
