@@ -106,10 +106,7 @@ def resolve(name, variables, templates):
 
 
 def dashboard_templates(base, service):
-    templates = {"base": base, "service": service}
-    if (TEMPLATES / "data.yaml").exists():
-        templates["data"] = load_template("data.yaml")
-    return templates
+    return {"base": base, "service": service, "data": load_template("data.yaml")}
 
 
 def metric_widgets(body):
@@ -193,31 +190,36 @@ def test_every_dashboard_metric_names_a_resource_and_dimension_the_stacks_create
     assert checked >= 15
 
 
-def test_dashboard_alarm_widget_shows_every_alarm_of_the_service_and_of_the_log_metrics(
+def test_dashboard_alarm_widget_shows_every_alarm_of_the_service_log_metrics_and_database(
     base, service
 ):
     body, variables = dashboard_body(service)
     templates = dashboard_templates(base, service)
     (widget,) = [w for w in body["widgets"] if w["type"] == "alarm"]
-    # The base stack names its alarms <stack name>-<what>; the service stack's have ARNs.
+    # The base and data stacks name their alarms <stack name>-<what>; the service's have ARNs.
     prefix = "arn:${AWS::Partition}:cloudwatch:${AWS::Region}:${AWS::AccountId}:alarm:"
-    assert variables["BaseAlarm"] == {"Fn::Sub": prefix + "${BaseStackName}"}
-    base_names = {
-        json.dumps(alarm["Properties"].get("AlarmName")): name
-        for name, alarm in resources_of(base, "AWS::CloudWatch::Alarm").items()
-    }
+    named = {"BaseAlarm": ("base", "BaseStackName"), "DataAlarm": ("data", "DataStackName")}
+    names = {}
+    for variable, (key, stack) in named.items():
+        assert variables[variable] == {"Fn::Sub": prefix + "${" + stack + "}"}
+        for name, alarm in resources_of(templates[key], "AWS::CloudWatch::Alarm").items():
+            names[(variable, json.dumps(alarm["Properties"].get("AlarmName")))] = (key, name)
     shown = set()
     for arn in widget["properties"]["alarms"]:
-        if arn.startswith("@{BaseAlarm}@-"):
-            name = {"Fn::Sub": "${AWS::StackName}-" + arn.removeprefix("@{BaseAlarm}@-")}
-            assert json.dumps(name) in base_names, f"{arn}: the base stack has no such alarm"
-            shown.add(("base", base_names[json.dumps(name)]))
+        variable, _, suffix = arn.removeprefix("@{").partition("}@-")
+        if variable in named:
+            name = json.dumps({"Fn::Sub": "${AWS::StackName}-" + suffix})
+            assert (variable, name) in names, f"{arn}: that stack has no such alarm"
+            shown.add(names[(variable, name)])
             continue
         key, logical, attribute = resolve(marker(arn), variables, templates)
         assert templates[key]["Resources"][logical]["Type"] == "AWS::CloudWatch::Alarm"
         assert attribute == "Arn"
         shown.add((key, logical))
     expected = {("service", name) for name in resources_of(service, "AWS::CloudWatch::Alarm")}
+    expected |= {
+        ("data", name) for name in resources_of(templates["data"], "AWS::CloudWatch::Alarm")
+    }
     expected |= {
         ("base", name)
         for name, alarm in resources_of(base, "AWS::CloudWatch::Alarm").items()
@@ -394,14 +396,17 @@ def test_each_metric_filter_matches_exactly_its_lines_of_the_real_server(
         assert len(matched) < len(lines), f"{metric} matches every line"
 
 
-def test_every_service_and_log_metric_alarm_starts_with_a_command_to_run_first(base, service):
+def test_every_service_log_metric_and_database_alarm_starts_with_a_command_to_run_first(
+    base, service
+):
     alarms = resources_of(service, "AWS::CloudWatch::Alarm")
+    alarms |= resources_of(load_template("data.yaml"), "AWS::CloudWatch::Alarm")
     alarms |= {
         name: alarm
         for name, alarm in resources_of(base, "AWS::CloudWatch::Alarm").items()
         if alarm["Properties"].get("Namespace") == LOG_NAMESPACE
     }
-    assert len(alarms) == 7
+    assert len(alarms) == 9
     for name, alarm in alarms.items():
         description = alarm["Properties"]["AlarmDescription"]
         assert description.startswith("First: make "), name
