@@ -830,9 +830,8 @@ class Database:
     def run(self, sql, args):
         """Run one statement on this thread's connection; translate what a failure means."""
         conn = self.connection()
-        cur = conn.cursor()
         try:
-            cur.execute(sql if self.mysql else sql.replace("%s", "?"), args)
+            cur = self.on(conn, sql, args)
         except self.errors as exc:
             failure = store_failure(exc)
             if isinstance(failure, LinkLostError):
