@@ -91,8 +91,8 @@ test: lint ## Run the linters and the whole test suite (what CI runs).
 lint: $(DEV) ## Run every linter and scanner; each must report zero findings.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/shellcheck scripts/*.sh .ci/run
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck scripts/*.sh tests/compose/*.sh .ci/run
+	$(VENV)/bin/hadolint Dockerfile tests/compose/mariadb.Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yaml
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
