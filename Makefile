@@ -139,13 +139,23 @@ image-test: ## Build the image, run it and check health, walk-through, non-root,
 image-save: ## Save the built image cars-api:<SHA> to dist/image.tar and its ID to dist/image.id (for the release job).
 	scripts/image-save.sh
 
+# podman-compose in a venv of its own, for Podman without `podman compose`, and for compose-test.
+COMPOSE_TOOL := $(VENV)/compose/.installed
+$(COMPOSE_TOOL): tests/requirements-compose.txt
+	$(PYTHON) -m venv $(VENV)/compose
+	$(VENV)/compose/bin/$(PIP_INSTALL) -r tests/requirements-compose.txt
+	touch $@
+
+.PHONY: compose-tool
+compose-tool: $(COMPOSE_TOOL) ## Install podman-compose into .venv/compose (for Podman without `podman compose`).
+
 .PHONY: up
-up: ## Start MySQL and the API with docker compose on http://127.0.0.1:8080.
-	$(CONTAINER) compose up --build --detach --wait
+up: ## Write .env with random secrets if there is none, start MySQL and the API, wait for /ready.
+	scripts/compose.sh up
 
 .PHONY: down
-down: ## Stop the compose services (the database volume is kept).
-	$(CONTAINER) compose down
+down: ## Stop the compose stack; the data volume is kept (make up serves the same cars).
+	scripts/compose.sh down
 
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 
