@@ -157,6 +157,10 @@ up: ## Write .env with random secrets if there is none, start MySQL and the API,
 down: ## Stop the compose stack; the data volume is kept (make up serves the same cars).
 	scripts/compose.sh down
 
+.PHONY: compose-test
+compose-test: $(DEV) $(COMPOSE_TOOL) ## Prove make up, the curl walk-through, make down, and the data kept (builds images).
+	$(VENV)/bin/pytest -m compose -rA tests/test_compose.py $(PYTEST_ARGS)
+
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 
 .PHONY: stack-deploy

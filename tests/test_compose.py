@@ -1,0 +1,267 @@
+"""`make up` / `make down` on Docker or Podman: the curl walk-through, and the data kept.
+
+Run by `make compose-test` (marker `compose`, left out of `make test`: it builds images). It works
+in a copy of the working tree, so that it makes its own `.env` the way a fresh clone does and
+never touches the developer's, under a project name and port of its own. The database is a
+MySQL-compatible MariaDB image built here from Debian packages (tests/compose/mariadb.Dockerfile)
+unless MYSQL_IMAGE names one; the engine is CONTAINER (docker, podman, or a path to either), and
+PYTHON_IMAGE the API image's base where no registry is reachable.
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import IN_CI, ROOT, free_port
+
+pytestmark = pytest.mark.compose
+
+DB_IMAGE = "localhost/cars-api-mariadb:test"
+UP_TIMEOUT = 900  # seconds for one `make up`, a cold build included, on a loaded 2-core machine
+STEP_TIMEOUT = 300
+
+# The walk-through as the README prints it after `make up` (its port replaced by the test's),
+# each curl line run after the line that reads the token from .env.
+FROM_ENV = "TOKEN=$(grep ^API_TOKEN= .env | cut -d= -f2)"
+POST_GOLF = (
+    'curl -X POST http://127.0.0.1:8080/cars -H "Authorization: Bearer $TOKEN" \\\n'
+    "     -H 'Content-Type: application/json' "
+    '-d \'{"brand": "Volkswagen", "model": "Golf", "year": 2018}\''
+)
+POST_TCROSS = (
+    'curl -X POST http://127.0.0.1:8080/cars -H "Authorization: Bearer $TOKEN" \\\n'
+    "     -H 'Content-Type: application/json' "
+    '-d \'{"brand": "Volkswagen", "model": "T-cross", "year": 2021}\''
+)
+LIST = "curl http://127.0.0.1:8080/cars"
+PUT_POLO = (
+    'curl -X PUT http://127.0.0.1:8080/cars/1 -H "Authorization: Bearer $TOKEN" \\\n'
+    "     -H 'Content-Type: application/json' "
+    '-d \'{"brand": "Volkswagen", "model": "Polo", "year": 2019}\''
+)
+GOLF = {"id": 1, "brand": "Volkswagen", "model": "Golf", "year": 2018}
+TCROSS = {"id": 2, "brand": "Volkswagen", "model": "T-cross", "year": 2021}
+POLO = {"id": 1, "brand": "Volkswagen", "model": "Polo", "year": 2019}
+
+
+def works(*command):
+    """Return whether a command runs and exits 0."""
+    try:
+        return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def is_podman(engine):
+    """Return whether the engine is podman (or a wrapper of it)."""
+    try:
+        out = subprocess.run([engine, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "podman" in out.stdout.lower()
+
+
+def find_engine():
+    """Return the engine `make up` will use (as scripts/compose.sh picks it), or skip or fail."""
+    engine = os.environ.get("CONTAINER") or "docker"
+    if not is_podman(engine):
+        if works(engine, "compose", "version") and works(engine, "info"):
+            return engine
+        engine = "podman"
+    path = shutil.which(engine)
+    if path and works(path, "info"):
+        return path
+    if IN_CI:
+        pytest.fail(f"CI needs a container engine for the compose test (CONTAINER={engine})")
+    pytest.skip(f"no container engine ({engine}, or docker with compose); CI always runs this test")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The container engine, with podman-compose from .venv/compose for Podman without compose."""
+    return find_engine()
+
+
+@pytest.fixture(scope="module")
+def mysql_image(engine):
+    """MYSQL_IMAGE, or the MariaDB stand-in built here (cached by the engine between runs)."""
+    if os.environ.get("MYSQL_IMAGE"):
+        return os.environ["MYSQL_IMAGE"]
+    command = [engine, "build", "--tag", DB_IMAGE, "--file", "tests/compose/mariadb.Dockerfile"]
+    if os.environ.get("PYTHON_IMAGE"):  # a local Debian 13 base where no registry is reachable
+        command += ["--build-arg", f"BASE_IMAGE={os.environ['PYTHON_IMAGE']}"]
+    built = subprocess.run(
+        [*command, "tests/compose"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert built.returncode == 0, f"the MariaDB image did not build:\n{built.stderr[-3000:]}"
+    return DB_IMAGE
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A copy of the working tree's files as git knows them (tracked or new), without .env."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    copy = tmp_path / "cars-api"
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / name)
+    assert not (copy / ".env").exists()
+    return copy
+
+
+class Stack:
+    """The compose stack of one clone: make up/down there, requests to its published port."""
+
+    def __init__(self, engine, clone, mysql_image):
+        self.engine, self.dir = engine, clone
+        self.project = f"cars-api-test-{os.getpid()}"
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "CONTAINER": engine,
+            "MYSQL_IMAGE": mysql_image,
+            "PORT": str(self.port),
+            "COMPOSE_PROJECT_NAME": self.project,
+            "PODMAN_COMPOSE": str(ROOT / ".venv" / "compose" / "bin" / "podman-compose"),
+        }
+
+    def make(self, target):
+        """Run `make TARGET` in the clone; return its duration in seconds."""
+        began = time.monotonic()
+        done = subprocess.run(
+            ["make", target],
+            cwd=self.dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=UP_TIMEOUT if target == "up" else STEP_TIMEOUT,
+        )
+        output = f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+        assert done.returncode == 0, f"make {target} failed:\n{output}"
+        return time.monotonic() - began
+
+    def shell(self, command):
+        """Run a walk-through line as printed (after the token line) in the clone; return JSON."""
+        script = f"{FROM_ENV}\n{command.replace(':8080/', f':{self.port}/')}"
+        done = subprocess.run(
+            ["bash", "-c", script], cwd=self.dir, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, f"{command}:\n{done.stderr}"
+        return json.loads(done.stdout)
+
+    def post_anonymously(self):
+        """POST a car without the token; return the HTTP status."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/cars",
+            data=json.dumps({"brand": "Volkswagen", "model": "Golf", "year": 2018}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=5) as res:
+                return res.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def status(self, path):
+        """Return the HTTP status of GET path, or None when nothing answers."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://127.0.0.1:{self.port}{path}", timeout=5) as res:
+                return res.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def containers(self):
+        """Return the names of the project's containers, running or not."""
+        label = f"label=com.docker.compose.project={self.project}"
+        listed = subprocess.run(
+            [self.engine, "ps", "--all", "--filter", label, "--format", "{{.Names}}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return listed.stdout.split()
+
+    def volume_exists(self):
+        """Return whether the project's MySQL data volume exists."""
+        return works(self.engine, "volume", "inspect", f"{self.project}_mysql-data")
+
+    def remove(self):
+        """Remove whatever the test left: containers, network, pod and the data volume."""
+        subprocess.run(["make", "down"], cwd=self.dir, env=self.env, capture_output=True)
+        for name in self.containers():
+            subprocess.run([self.engine, "rm", "--force", name], capture_output=True)
+        subprocess.run(
+            [self.engine, "volume", "rm", "--force", f"{self.project}_mysql-data"],
+            capture_output=True,
+        )
+
+
+@pytest.fixture
+def stack(engine, clone, mysql_image):
+    """A Stack in the clone; everything it made is removed afterwards, the images excepted."""
+    made = Stack(engine, clone, mysql_image)
+    yield made
+    made.remove()
+
+
+def test_make_up_serves_the_walk_through_and_a_restart_keeps_the_cars(stack):
+    first_up = stack.make("up")
+    # `make up` returns only once the API answers /ready: no retry here.
+    assert stack.status("/ready") == 200
+    env_file = stack.dir / ".env"
+    env_text = env_file.read_text()
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert re.search(r"^API_TOKEN=[0-9a-f]{64}$", env_text, re.M)
+    assert re.search(r"^MYSQL_PASSWORD=[0-9a-f]{48}$", env_text, re.M)
+    assert "ALLOW_ANONYMOUS_WRITES" not in env_text
+
+    assert stack.post_anonymously() == 401
+    assert stack.shell(POST_GOLF) == GOLF
+    assert stack.shell(POST_TCROSS) == TCROSS
+    assert stack.shell(LIST) == [GOLF, TCROSS]
+    assert stack.shell(PUT_POLO) == POLO
+
+    stack.make("down")
+    assert stack.containers() == []
+    assert stack.status("/ready") is None
+    assert stack.volume_exists()
+
+    second_up = stack.make("up")
+    assert env_file.read_text() == env_text, "make up changed an existing .env"
+    assert stack.shell(LIST) == [POLO, TCROSS]
+
+    stack.make("down")
+    assert stack.containers() == []
+    print(f"make up: first {first_up:.0f} s, again {second_up:.0f} s")
+
+
+def test_make_up_refuses_an_env_without_a_token_and_starts_nothing(stack):
+    template = (stack.dir / ".env.example").read_text()
+    (stack.dir / ".env").write_text(template)  # the old habit: cp .env.example .env
+    done = subprocess.run(
+        ["make", "up"], cwd=stack.dir, env=stack.env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "API_TOKEN in .env is empty" in done.stderr
+    assert (stack.dir / ".env").read_text() == template
+    assert stack.containers() == []
