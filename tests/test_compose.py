@@ -1,11 +1,14 @@
 """`make up` / `make down` on Docker or Podman: the curl walk-through, and the data kept.
 
-Run by `make compose-test` (marker `compose`, left out of `make test`: it builds images). It works
-in a copy of the working tree, so that it makes its own `.env` the way a fresh clone does and
-never touches the developer's, under a project name and port of its own. The database is a
-MySQL-compatible MariaDB image built here from Debian packages (tests/compose/mariadb.Dockerfile)
-unless MYSQL_IMAGE names one; the engine is CONTAINER (docker, podman, or a path to either), and
-PYTHON_IMAGE the API image's base where no registry is reachable.
+The test marked `compose` runs the real stack; `make compose-test` runs it (it is left out of
+`make test`: it builds images). The others need no engine: they check how scripts/compose.sh
+picks the compose tool, with stand-ins for docker, podman and podman-compose that record their
+arguments, and what `make up` refuses. Each test works in a copy of the working tree, so that it
+makes its own `.env` as a fresh clone does and never touches the developer's; the real stack runs
+under a project name and port of its own. Its database is a MySQL-compatible MariaDB image built
+here from Debian packages (tests/compose/mariadb.Dockerfile) unless MYSQL_IMAGE names one; the
+engine is CONTAINER (docker, podman, or a path to either), and PYTHON_IMAGE the API image's base
+where no registry is reachable.
 """
 
 import json
@@ -20,8 +23,6 @@ import urllib.request
 
 import pytest
 from conftest import IN_CI, ROOT, free_port
-
-pytestmark = pytest.mark.compose
 
 DB_IMAGE = "localhost/cars-api-mariadb:test"
 UP_TIMEOUT = 900  # seconds for one `make up`, a cold build included, on a loaded 2-core machine
@@ -224,6 +225,7 @@ def stack(engine, clone, mysql_image):
     made.remove()
 
 
+@pytest.mark.compose
 def test_make_up_serves_the_walk_through_and_a_restart_keeps_the_cars(stack):
     first_up = stack.make("up")
     # `make up` returns only once the API answers /ready: no retry here.
@@ -255,13 +257,115 @@ def test_make_up_serves_the_walk_through_and_a_restart_keeps_the_cars(stack):
     print(f"make up: first {first_up:.0f} s, again {second_up:.0f} s")
 
 
-def test_make_up_refuses_an_env_without_a_token_and_starts_nothing(stack):
-    template = (stack.dir / ".env.example").read_text()
-    (stack.dir / ".env").write_text(template)  # the old habit: cp .env.example .env
-    done = subprocess.run(
-        ["make", "up"], cwd=stack.dir, env=stack.env, capture_output=True, text=True, timeout=60
+# Stand-ins for the engines: each appends its arguments to $CALLS; docker and podman answer
+# --version, and `compose`/`info` succeed only when the test says so.
+FAKE_DOCKER = """#!/bin/sh
+echo "docker $*" >>"$CALLS"
+case $1 in
+  --version) echo 'Docker version 27.5.1, build 9f9e405' ;;
+  compose) [ "$FAKE_DOCKER_COMPOSE" = yes ] ;;
+  info) [ "$FAKE_DOCKER_ENGINE" = yes ] ;;
+esac
+"""
+FAKE_PODMAN = """#!/bin/sh
+echo "podman $*" >>"$CALLS"
+case $1 in
+  --version) echo 'podman version 4.3.1' ;;
+  compose) [ "$FAKE_PODMAN_COMPOSE" = yes ] || { echo "Error: unknown command" >&2; exit 125; } ;;
+esac
+"""
+FAKE_PODMAN_COMPOSE = """#!/bin/sh
+echo "podman-compose $*" >>"$CALLS"
+"""
+
+
+@pytest.fixture
+def fake_engines(tmp_path):
+    """Return run(target, **settings) -> (result, calls): make TARGET in a clone, fakes on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (
+        ("docker", FAKE_DOCKER),
+        ("podman", FAKE_PODMAN),
+        ("podman-compose", FAKE_PODMAN_COMPOSE),
+    ):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+
+    def run(clone, target, **settings):
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("CONTAINER", "PODMAN_COMPOSE", "MAKEFLAGS", "MAKELEVEL")
+        }
+        env.update(PATH=f"{bin_dir}:/usr/bin:/bin", CALLS=str(calls), **settings)
+        calls.write_text("")
+        done = subprocess.run(
+            ["make", target], cwd=clone, env=env, capture_output=True, text=True, timeout=120
+        )
+        compose_calls = [
+            line
+            for line in calls.read_text().splitlines()
+            if "--version" not in line and " version" not in line and " info" not in line
+        ]
+        return done, compose_calls
+
+    return run, bin_dir
+
+
+def test_make_down_uses_the_docker_compose_plugin_when_it_works(clone, fake_engines):
+    run, _ = fake_engines
+    done, calls = run(clone, "down", FAKE_DOCKER_COMPOSE="yes", FAKE_DOCKER_ENGINE="yes")
+    assert done.returncode == 0, done.stderr
+    assert calls == ["docker compose down"]
+
+
+def test_make_down_falls_back_to_podman_compose_without_the_docker_plugin(clone, fake_engines):
+    run, bin_dir = fake_engines
+    done, calls = run(clone, "down", FAKE_DOCKER_ENGINE="yes")
+    assert done.returncode == 0, done.stderr
+    assert "using podman" in done.stderr
+    assert calls == [f"podman-compose --podman-path {bin_dir}/podman down"]
+
+
+def test_make_down_with_podman_prefers_its_own_compose(clone, fake_engines):
+    run, _ = fake_engines
+    done, calls = run(
+        clone, "down", CONTAINER="podman", FAKE_PODMAN_COMPOSE="yes", FAKE_DOCKER_COMPOSE="yes"
     )
+    assert done.returncode == 0, done.stderr
+    assert calls == ["podman compose down"]
+
+
+def test_make_up_gives_up_when_ready_never_answers_and_points_at_the_logs(clone, fake_engines):
+    run, bin_dir = fake_engines
+    done, calls = run(clone, "up", CONTAINER="podman", PORT=str(free_port()), UP_TIMEOUT="2")
+    assert done.returncode != 0
+    assert "did not answer" in done.stderr
+    assert "within 2 s" in done.stderr
+    assert f"{bin_dir}/podman logs" in done.stderr
+    tool = f"podman-compose --podman-path {bin_dir}/podman"
+    assert calls == [f"{tool} up --build --detach", f"{tool} logs --tail 20"]
+    assert re.search(r"^API_TOKEN=[0-9a-f]{64}$", (clone / ".env").read_text(), re.M)
+
+
+def test_make_up_never_overwrites_an_existing_env(clone, fake_engines):
+    run, _ = fake_engines
+    mine = "MYSQL_USER=me\nMYSQL_PASSWORD=mine\nAPI_TOKEN=" + "t" * 40 + "\n"
+    (clone / ".env").write_text(mine)
+    done, calls = run(clone, "up", CONTAINER="podman", PORT=str(free_port()), UP_TIMEOUT="1")
+    assert "wrote .env" not in done.stderr
+    assert calls[0].endswith(" up --build --detach")
+    assert (clone / ".env").read_text() == mine
+
+
+def test_make_up_refuses_an_env_without_a_token_and_starts_nothing(clone, fake_engines):
+    run, _ = fake_engines
+    template = (clone / ".env.example").read_text()
+    (clone / ".env").write_text(template)  # the old habit: cp .env.example .env
+    done, calls = run(clone, "up", CONTAINER="podman")
     assert done.returncode != 0
     assert "API_TOKEN in .env is empty" in done.stderr
-    assert (stack.dir / ".env").read_text() == template
-    assert stack.containers() == []
+    assert (clone / ".env").read_text() == template
+    assert calls == []
