@@ -36,6 +36,9 @@ die() {
 env_file=.env
 env_template=.env.example
 api_token_min=32
+env_tmp=''
+# The secrets' scratch file is not git-ignored as .env is: it never outlives the script.
+trap 'rm -f "$env_tmp"' EXIT
 
 # A random secret: N bytes as 2N lowercase hex characters.
 random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
@@ -48,19 +51,18 @@ env_value() { sed -n "s/^$1=//p" "$env_file" | tail -n 1; }
 write_env() {
   [[ -e $env_file ]] && return
   [[ -f $env_template ]] || die "$env_template is missing: it is the template of $env_file"
-  local tmp
-  tmp=$(umask 077 && mktemp .env.XXXXXX)
+  env_tmp=$(umask 077 && mktemp .env.XXXXXX)
   sed -e "s/^API_TOKEN=\$/API_TOKEN=$(random_hex 32)/" \
-    -e "s/^MYSQL_PASSWORD=\$/MYSQL_PASSWORD=$(random_hex 24)/" "$env_template" >"$tmp"
-  if ! grep -Eq '^API_TOKEN=[0-9a-f]{64}$' "$tmp" || ! grep -Eq '^MYSQL_PASSWORD=[0-9a-f]{48}$' "$tmp"; then
-    rm -f "$tmp"
+    -e "s/^MYSQL_PASSWORD=\$/MYSQL_PASSWORD=$(random_hex 24)/" "$env_template" >"$env_tmp"
+  if ! grep -Eq '^API_TOKEN=[0-9a-f]{64}$' "$env_tmp" ||
+    ! grep -Eq '^MYSQL_PASSWORD=[0-9a-f]{48}$' "$env_tmp"; then
     die "$env_template must hold the empty lines API_TOKEN= and MYSQL_PASSWORD= to fill in"
   fi
-  if ln "$tmp" "$env_file" 2>/dev/null; then
+  if ln "$env_tmp" "$env_file" 2>/dev/null; then
     say "wrote $env_file with a random API token and MySQL password (git ignores it; keep it:" \
       "the data volume only opens with that password)"
   fi
-  rm -f "$tmp"
+  rm -f "$env_tmp"
 }
 
 # Fails, saying what to do, when .env lacks a secret that the compose file needs. A variable set

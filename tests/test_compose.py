@@ -348,6 +348,7 @@ def test_make_up_gives_up_when_ready_never_answers_and_points_at_the_logs(clone,
     tool = f"podman-compose --podman-path {bin_dir}/podman"
     assert calls == [f"{tool} up --build --detach", f"{tool} logs --tail 20"]
     assert re.search(r"^API_TOKEN=[0-9a-f]{64}$", (clone / ".env").read_text(), re.M)
+    assert sorted(p.name for p in clone.glob(".env*")) == [".env", ".env.example"]
 
 
 def test_make_up_never_overwrites_an_existing_env(clone, fake_engines):
