@@ -140,6 +140,12 @@ up() {
 
 down() {
   pick_compose
+  # Compose interpolates the whole file even to stop the stack, and the file requires the
+  # secrets. Without a .env, stand-ins satisfy it: down creates nothing that could receive them.
+  if [[ ! -e $env_file ]]; then
+    export MYSQL_USER=${MYSQL_USER:-none} MYSQL_PASSWORD=${MYSQL_PASSWORD:-none} \
+      API_TOKEN=${API_TOKEN:-none}
+  fi
   "${compose[@]}" down || die "${compose[*]} down failed (see above)"
   say "down: containers removed; the data volume is kept (make up serves the same cars)"
 }

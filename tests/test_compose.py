@@ -274,8 +274,16 @@ case $1 in
   compose) [ "$FAKE_PODMAN_COMPOSE" = yes ] || { echo "Error: unknown command" >&2; exit 125; } ;;
 esac
 """
+# Like every compose tool, it refuses to run while a variable the file requires has no value.
 FAKE_PODMAN_COMPOSE = """#!/bin/sh
 echo "podman-compose $*" >>"$CALLS"
+for name in MYSQL_USER MYSQL_PASSWORD API_TOKEN; do
+  eval "value=\\${$name:-}"
+  if [ -z "$value" ] && ! grep -q "^$name=." .env 2>/dev/null; then
+    echo "required variable $name is missing a value" >&2
+    exit 1
+  fi
+done
 """
 
 
@@ -327,6 +335,14 @@ def test_make_down_falls_back_to_podman_compose_without_the_docker_plugin(clone,
     assert done.returncode == 0, done.stderr
     assert "using podman" in done.stderr
     assert calls == [f"podman-compose --podman-path {bin_dir}/podman down"]
+
+
+def test_make_down_stops_the_stack_even_without_an_env(clone, fake_engines):
+    run, bin_dir = fake_engines
+    done, calls = run(clone, "down", CONTAINER="podman")
+    assert done.returncode == 0, done.stderr
+    assert calls == [f"podman-compose --podman-path {bin_dir}/podman down"]
+    assert not (clone / ".env").exists()
 
 
 def test_make_down_with_podman_prefers_its_own_compose(clone, fake_engines):
