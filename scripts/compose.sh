@@ -125,6 +125,7 @@ wait_ready() {
     sleep 1
   done
   say "up: the API answers on http://127.0.0.1:${PORT:-8080} (stop it with make down; the data is kept)"
+  say "writes need the token from $env_file: TOKEN=\$(grep ^API_TOKEN= $env_file | cut -d= -f2)"
 }
 
 up() {
