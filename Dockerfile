@@ -5,7 +5,7 @@ ARG PYTHON_IMAGE=upstream
 
 # Named in a FROM line of its own so that Dependabot sees the base and proposes its updates
 # (it does not read build arguments); skipped when PYTHON_IMAGE names another base.
-FROM python:3.13-slim-trixie AS upstream
+FROM docker.io/library/python:3.13-slim-trixie@sha256:ffb752e139c0a19692a43af8d8523b274222dd68eebad5d583b45c2201c6e30a AS upstream
 
 # Builder: a virtualenv with exactly the locked runtime packages, from wheels whose hashes the
 # lock holds (no compiler anywhere); pip leaves the venv once it has done its job. Then the

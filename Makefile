@@ -91,8 +91,8 @@ test: lint ## Run the linters and the whole test suite (what CI runs).
 lint: $(DEV) ## Run every linter and scanner; each must report zero findings.
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/shellcheck scripts/*.sh .ci/run
-	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck scripts/*.sh tests/compose/*.sh .ci/run
+	$(VENV)/bin/hadolint Dockerfile tests/compose/mariadb.Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yaml
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
@@ -139,13 +139,27 @@ image-test: ## Build the image, run it and check health, walk-through, non-root,
 image-save: ## Save the built image cars-api:<SHA> to dist/image.tar and its ID to dist/image.id (for the release job).
 	scripts/image-save.sh
 
+# podman-compose in a venv of its own, for Podman without `podman compose`, and for compose-test.
+COMPOSE_TOOL := $(VENV)/compose/.installed
+$(COMPOSE_TOOL): tests/requirements-compose.txt
+	$(PYTHON) -m venv $(VENV)/compose
+	$(VENV)/compose/bin/$(PIP_INSTALL) -r tests/requirements-compose.txt
+	touch $@
+
+.PHONY: compose-tool
+compose-tool: $(COMPOSE_TOOL) ## Install podman-compose into .venv/compose (for Podman without `podman compose`).
+
 .PHONY: up
-up: ## Start MySQL and the API with docker compose on http://127.0.0.1:8080.
-	$(CONTAINER) compose up --build --detach --wait
+up: ## Write .env with random secrets if there is none, start MySQL and the API, wait for /ready.
+	scripts/compose.sh up
 
 .PHONY: down
-down: ## Stop the compose services (the database volume is kept).
-	$(CONTAINER) compose down
+down: ## Stop the compose stack; the data volume is kept (make up serves the same cars).
+	scripts/compose.sh down
+
+.PHONY: compose-test
+compose-test: $(DEV) $(COMPOSE_TOOL) ## Prove make up, the curl walk-through, make down, and the data kept (builds images).
+	$(VENV)/bin/pytest -m compose -rA tests/test_compose.py $(PYTEST_ARGS)
 
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 

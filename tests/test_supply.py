@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = [ROOT / "requirements.txt", *sorted((ROOT / "tests").glob("requirements*.txt"))]
 # The uv that `make lint` installs into the venv beside the one running these tests.
 UV = Path(sys.prefix) / "lock" / "bin" / "uv"
-BASE_IMAGE = "python:3.13-slim-trixie"
+# Fully qualified and pinned by digest (Podman refuses short names; Dependabot moves the digest).
+BASE_IMAGE = (
+    "docker.io/library/python:3.13-slim-trixie"
+    "@sha256:ffb752e139c0a19692a43af8d8523b274222dd68eebad5d583b45c2201c6e30a"
+)
 
 
 def requirements(lock: Path) -> list[str]:
@@ -50,6 +54,7 @@ def test_every_lock_pins_every_package_to_one_version_with_hashes(lock):
 def test_every_venv_and_the_image_install_with_hashes_required(tmp_path):
     venv = tmp_path / "venv"
     targets = [f"{venv}/.runtime-installed", f"{venv}/.dev-installed", f"{venv}/lock/.installed"]
+    targets.append(f"{venv}/compose/.installed")  # podman-compose, for make up and compose-test
     plan = subprocess.run(
         ["make", "--always-make", "--dry-run", f"VENV={venv}", *targets],
         cwd=ROOT,

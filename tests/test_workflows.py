@@ -153,7 +153,9 @@ def test_every_job_uses_the_images_python_and_only_the_test_job_caches_pip(
 ) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     # The default base is named in the Dockerfile's `upstream` stage (where Dependabot reads it).
-    image_python = re.search(r"^FROM python:(\d+\.\d+)-\S+ AS upstream$", dockerfile, re.MULTILINE)
+    image_python = re.search(
+        r"^FROM docker\.io/library/python:(\d+\.\d+)-\S+ AS upstream$", dockerfile, re.MULTILINE
+    )
     assert image_python, "the Dockerfile names its default python image"
     for name, job_id, job in jobs(workflows):
         for setup in steps_using(job, "actions/setup-python"):
