@@ -405,6 +405,7 @@ NAMES_OF_TYPE = {
     "AWS::ECS::Service": {"ServiceName"},
     "AWS::IAM::Role": {"Path"},
     "AWS::SNS::Topic": {"DisplayName"},
+    "AWS::SecretsManager::Secret": {"Name"},
 }
 
 
@@ -568,9 +569,9 @@ def test_only_the_https_listener_forwards_without_a_host_check(base):
 # ------------------------------------------------------------------ deploy role trust (item 4)
 
 
-def subjects(owner_id, repository_id, repository):
+def subjects(owner_id, repository_id, repository, environment="production"):
     return [
-        f"repository_owner_id:{owner_id}:repository_id:{repository_id}:environment:production"
+        f"repository_owner_id:{owner_id}:repository_id:{repository_id}:environment:{environment}"
         f":ref:refs/heads/main:job_workflow_ref:{repository}/.github/workflows/{workflow}"
         "@refs/heads/main"
         for workflow in ("ci.yml", "rollback.yml")
@@ -593,6 +594,16 @@ def test_deploy_role_trusts_exactly_ci_and_rollback_on_main_by_numeric_ids(ci):
         "42", "4242", "acme/cars"
     )
     assert "*" not in json.dumps(condition)
+
+
+def test_each_environment_has_its_own_deploy_role(ci):
+    assert ci["Parameters"]["GitHubEnvironment"]["Default"] == "production"
+    ids = {"GitHubOwnerId": "42", "GitHubRepositoryId": "4242", "GitHubRepository": "acme/cars"}
+    role = rendered(ci, GitHubEnvironment="staging", **ids)["DeployRole"]["Properties"]
+    (statement,) = role["AssumeRolePolicyDocument"]["Statement"]
+    trusted = statement["Condition"]["StringEquals"]["token.actions.githubusercontent.com:sub"]
+    assert trusted == subjects("42", "4242", "acme/cars", "staging")
+    assert not [s for s in trusted if ":environment:production:" in s]
 
 
 def test_deploy_role_trusts_the_github_oidc_provider_created_or_existing(ci):
