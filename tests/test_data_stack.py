@@ -235,7 +235,7 @@ ROTATED_SECRET_KEYS = {
     "host": "attachment",
     "port": "attachment",
     "username": "template",  # SecretStringTemplate; bootstrap creates this user
-    "password": "generated",  # GenerateStringKey; bootstrap sets it
+    "password": "generated",  # GenerateStringKey; bootstrap sets it  # pragma: allowlist secret
     "masterarn": "template",
     "ssl": "template",
 }
