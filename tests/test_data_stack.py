@@ -11,6 +11,7 @@ from test_templates import (
     as_list,
     deploy_statements,
     granting,
+    rendered,
     resources_of,
     statements,
     walk,
@@ -201,6 +202,29 @@ def test_rotation_reaches_the_rds_api_through_an_endpoint_in_both_task_modes(dat
     assert ingress["SourceSecurityGroupId"] == {"Ref": "RotationSecurityGroup"}
     assert (ingress["FromPort"], ingress["ToPort"]) == (443, 443)
     assert group["SecurityGroupEgress"][0]["CidrIp"] == "127.0.0.1/32"
+
+
+def test_rotation_reaches_secrets_manager_in_public_and_private_task_mode(data):
+    """Public: the data stack's endpoint admits the functions. Private: the base stack's does."""
+    base = load_template("base.yaml")
+    public = rendered(data, CreateSecretsManagerEndpoint="true")
+    ingress = public["SecretsManagerEndpointSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert "rotationsecuritygroup-placeholder" in [r["SourceSecurityGroupId"] for r in ingress]
+    private = rendered(data, CreateSecretsManagerEndpoint="false")
+    assert "SecretsManagerEndpoint" not in private
+    private_base = rendered(base, TaskSubnetType="private", S3PrefixListId="pl-0123abcd")
+    allowed = {
+        r["CidrIp"]
+        for r in private_base["EndpointSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    }
+    subnets = {
+        private_base[s]["Properties"]["CidrBlock"] for s in ("PrivateSubnetA", "PrivateSubnetB")
+    }
+    assert subnets <= allowed, "the functions run in the private subnets"
+    for schedule in ("AppSecretRotation", "MigrationSecretRotation"):
+        hosted = resource(data, schedule)["HostedRotationLambda"]
+        assert hosted["VpcSubnetIds"] == {"Fn::Join": [",", {"Ref": "PrivateSubnets"}]}
+    assert "Condition" not in data["Resources"]["RdsEndpoint"], "both modes need the RDS API"
 
 
 @pytest.mark.parametrize("template_name", ["base.yaml", "data.yaml"])
