@@ -5,6 +5,7 @@ stack's imports need that moto 5.2.5 lacks: Fn::GetAtt TargetGroup.TargetGroupFu
 it moto drops every output of the base stack, so nothing can import them).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -192,6 +193,20 @@ def test_each_environment_names_its_own_resources_after_its_prefix(environments,
             DBInstanceIdentifier=data["Database"]
         )["DBInstances"][0]
         assert database["DBInstanceIdentifier"] == f"{prefix}-data"
+
+
+def test_each_deploy_role_reaches_only_its_own_environment(environments, moto_url):
+    cfn, stacks = environments
+    iam = client("iam", moto_url)
+    policies = {}
+    for prefix in PREFIXES:
+        role = physical(cfn, stacks[prefix]["ci-access"])["DeployRole"]
+        (name,) = iam.list_role_policies(RoleName=role)["PolicyNames"]
+        document = iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"]
+        policies[prefix] = json.dumps(document)
+        assert f":role/{prefix}/" in policies[prefix], "passes its own environment's roles"
+    assert "cars-api" not in policies["staging"]
+    assert "staging" not in policies["cars-api"]
 
 
 def serve(argv):
