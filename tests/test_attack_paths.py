@@ -148,6 +148,24 @@ def test_path_the_deploy_role_reads_no_secret_and_mints_no_role(ci):
     assert {a for a in granted if a.startswith("iam:")} == {"iam:PassRole"}
 
 
+def test_path_ci_cannot_change_the_long_lived_stacks_that_define_it(ci):
+    """Base, data and ci-access (this role itself) change only through an operator."""
+    writes = {
+        "cloudformation:CreateChangeSet",
+        "cloudformation:ExecuteChangeSet",
+        "cloudformation:CreateStack",
+        "cloudformation:UpdateStack",
+        "cloudformation:DeleteStack",
+        "cloudformation:SetStackPolicy",
+    }
+    for statement in deploy_statements(ci):
+        if writes & set(as_list(statement["Action"])):
+            assert as_list(statement["Resource"]) == [
+                "arn:aws:cloudformation:eu-west-1:123456789012:stack/cars-api-service/*"
+            ]
+    assert "cloudformation:DeleteStack" not in actions(ci)
+
+
 # ------------------------------------------------------------------ account-wide writes
 
 
