@@ -34,7 +34,6 @@ PLACEHOLDERS = {  # parameters without a default, as make stack-deploy fills the
     "GitHubOwnerId": "100000002",
     "RepositoryName": "cars-api",
     "ClusterName": "cars-api-base-Cluster-a1b2c3",
-    "LogGroupName": "/ecs/cars-api",
     "AlarmTopicArn": "arn:aws:sns:eu-west-1:123456789012:cars-api-base-AlarmTopic-a1b2c3",
     "ExecutionRoleName": "cars-api-base-ExecutionRole-a1b2c3",
     "TaskRoleName": "cars-api-base-TaskRole-a1b2c3",

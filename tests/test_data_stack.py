@@ -11,6 +11,7 @@ from test_templates import (
     as_list,
     deploy_statements,
     granting,
+    rendered,
     resources_of,
     statements,
     walk,
@@ -127,13 +128,14 @@ def test_the_deploy_role_can_read_no_secret_at_all(ci):
 
 
 @pytest.mark.parametrize(
-    ("name", "user"), [("MigrationSecret", "cars_migrate"), ("AppSecret", "cars_app")]
+    ("name", "user"), [("MigrationSecret", "cars_mig"), ("AppSecret", "cars_app")]
 )
 def test_migration_and_app_identities_are_generated_with_fixed_user_names(data, name, user):
     generated = resource(data, name)["GenerateSecretString"]
     template = generated["SecretStringTemplate"]["Fn::Sub"]
     assert json.loads(template) == {
         "username": user,
+        "ssl": True,  # TLS only: the rotation function never retries without it
         "masterarn": "${Database.MasterUserSecret.SecretArn}",  # read by the rotation function
     }
     assert generated["GenerateStringKey"] == "password"
@@ -149,11 +151,13 @@ def test_migration_and_app_identities_are_generated_with_fixed_user_names(data, 
 
 @pytest.mark.parametrize("name", ["MigrationSecret", "AppSecret"])
 def test_each_identity_rotates_every_30_days_by_alternating_users(data, name):
-    assert data["Transform"] == "AWS::SecretsManager-2020-07-23"
+    assert data["Transform"] == "AWS::SecretsManager-2024-09-16", "the current function artifacts"
     schedule = resource(data, f"{name}Rotation")
     assert schedule["SecretId"] == {"Ref": f"{name}Attachment"}, "after host and port are in"
     assert schedule["RotationRules"] == {"AutomaticallyAfterDays": 30}
-    assert schedule["RotateImmediatelyOnUpdate"] is False, "the users exist only after bootstrap"
+    # Creating a schedule rotates (or tests) at once: it exists only once the users do.
+    assert data["Resources"][f"{name}Rotation"]["Condition"] == "Ready"
+    assert schedule["RotateImmediatelyOnUpdate"] is True, "the first rotation while one watches"
     hosted = schedule["HostedRotationLambda"]
     assert hosted["RotationType"] == "MySQLMultiUser"
     assert hosted["MasterSecretArn"] == MASTER_SECRET
@@ -161,7 +165,7 @@ def test_each_identity_rotates_every_30_days_by_alternating_users(data, name):
     assert hosted["VpcSecurityGroupIds"] == {"Ref": "RotationSecurityGroup"}
 
 
-def test_rotation_functions_reach_only_mysql_and_the_secrets_manager_endpoint(data):
+def test_rotation_functions_reach_only_mysql_and_the_secrets_manager_and_rds_endpoints(data):
     group = resource(data, "RotationSecurityGroup")
     assert "SecurityGroupIngress" not in group
     rules = {
@@ -179,6 +183,146 @@ def test_rotation_functions_reach_only_mysql_and_the_secrets_manager_endpoint(da
     assert endpoint["Properties"]["SubnetIds"] == {"Ref": "PrivateSubnets"}
     script = (ROOT / "scripts" / "stack-deploy.sh").read_text()
     assert '[[ "$(base_parameter TaskSubnetType)" != private ]] || endpoint=false' in script
+
+
+def test_rotation_reaches_the_rds_api_through_an_endpoint_in_both_task_modes(data):
+    """The RDS-managed master secret has no host: the function asks DescribeDBInstances."""
+    endpoint = data["Resources"]["RdsEndpoint"]
+    assert "Condition" not in endpoint, "public and private task mode alike"
+    properties = endpoint["Properties"]
+    assert properties["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.rds"}
+    assert properties["PrivateDnsEnabled"] is True, "the function's default client resolves to it"
+    assert properties["SubnetIds"] == {"Ref": "PrivateSubnets"}, "where the functions run"
+    (statement,) = properties["PolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"AWS": {"Ref": "AWS::AccountId"}}
+    assert statement["Action"] == "rds:DescribeDBInstances"
+    assert statement["Resource"]["Fn::Sub"].endswith(":db:${Prefix}-data")
+    group = resource(data, "RdsEndpointSecurityGroup")
+    (ingress,) = group["SecurityGroupIngress"]
+    assert ingress["SourceSecurityGroupId"] == {"Ref": "RotationSecurityGroup"}
+    assert (ingress["FromPort"], ingress["ToPort"]) == (443, 443)
+    assert group["SecurityGroupEgress"][0]["CidrIp"] == "127.0.0.1/32"
+
+
+def test_rotation_reaches_secrets_manager_in_public_and_private_task_mode(data):
+    """Public: the data stack's endpoint admits the functions. Private: the base stack's does."""
+    base = load_template("base.yaml")
+    public = rendered(data, CreateSecretsManagerEndpoint="true")
+    ingress = public["SecretsManagerEndpointSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert "rotationsecuritygroup-placeholder" in [r["SourceSecurityGroupId"] for r in ingress]
+    private = rendered(data, CreateSecretsManagerEndpoint="false")
+    assert "SecretsManagerEndpoint" not in private
+    private_base = rendered(base, TaskSubnetType="private", S3PrefixListId="pl-0123abcd")
+    allowed = {
+        r["CidrIp"]
+        for r in private_base["EndpointSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    }
+    subnets = {
+        private_base[s]["Properties"]["CidrBlock"] for s in ("PrivateSubnetA", "PrivateSubnetB")
+    }
+    assert subnets <= allowed, "the functions run in the private subnets"
+    for schedule in ("AppSecretRotation", "MigrationSecretRotation"):
+        hosted = resource(data, schedule)["HostedRotationLambda"]
+        assert hosted["VpcSubnetIds"] == {"Fn::Join": [",", {"Ref": "PrivateSubnets"}]}
+    assert "Condition" not in data["Resources"]["RdsEndpoint"], "both modes need the RDS API"
+
+
+@pytest.mark.parametrize("template_name", ["base.yaml", "data.yaml"])
+def test_every_interface_endpoint_has_a_least_privilege_policy(template_name):
+    template = load_template(template_name)
+    endpoints = {
+        name: r["Properties"]
+        for name, r in resources_of(template, "AWS::EC2::VPCEndpoint").items()
+        if r["Properties"]["VpcEndpointType"] == "Interface"
+    }
+    assert endpoints
+    for name, properties in endpoints.items():
+        for statement in properties["PolicyDocument"]["Statement"]:
+            assert statement["Effect"] == "Allow", name
+            assert statement["Principal"] == {"AWS": {"Ref": "AWS::AccountId"}}, name
+            for action in as_list(statement["Action"]):
+                assert not action.endswith("*"), (name, action)
+            if statement["Resource"] == "*":
+                assert as_list(statement["Action"]) in (
+                    ["ecr:GetAuthorizationToken"],
+                    ["secretsmanager:GetRandomPassword"],
+                ), name
+
+
+# What AWS's published MySQLMultiUser rotation function (aws-samples/aws-secrets-manager-rotation-
+# lambdas, SecretsManagerRDSMySQLRotationMultiUser/lambda_function.py) reads from the secret it
+# rotates: get_secret_dict() requires host, username, password and engine (== "mysql");
+# get_connection() reads port (else 3306), dbname (else none) and ssl (else TLS, then plaintext);
+# set_secret() reads masterarn. Where each comes from here:
+ROTATED_SECRET_KEYS = {
+    "engine": "attachment",  # SecretTargetAttachment of an AWS::RDS::DBInstance
+    "host": "attachment",
+    "port": "attachment",
+    "username": "template",  # SecretStringTemplate; bootstrap creates this user
+    "password": "generated",  # GenerateStringKey; bootstrap sets it  # pragma: allowlist secret
+    "masterarn": "template",
+    "ssl": "template",
+}
+OPTIONAL_KEYS = {"dbname"}  # connects without a default schema: the grants name cars.*
+# The RDS-managed master secret holds username and password only; get_secret_dict(master=True)
+# then finds the instance in the secret's aws:rds:primaryDBInstanceArn system tag and host, port
+# and engine through rds:DescribeDBInstances.
+ATTACHMENT_KEYS = {"engine", "host", "port", "dbInstanceIdentifier"}  # what RDS instances get
+USERNAME_LIMIT = 16  # the function's default USERNAME_CHARACTER_LIMIT; hosted ones set no other
+
+
+@pytest.mark.parametrize("name", ["MigrationSecret", "AppSecret"])
+def test_rotated_secrets_hold_every_key_the_published_function_reads(data, name):
+    generated = resource(data, name)["GenerateSecretString"]
+    template = json.loads(generated["SecretStringTemplate"]["Fn::Sub"])
+    secret = {**template, generated["GenerateStringKey"]: "x", **dict.fromkeys(ATTACHMENT_KEYS)}
+    assert set(ROTATED_SECRET_KEYS) <= set(secret), "a required or chosen key is missing"
+    assert not (OPTIONAL_KEYS & set(secret))
+    for key, source in ROTATED_SECRET_KEYS.items():
+        assert (key in ATTACHMENT_KEYS) == (source == "attachment"), key
+    assert resource(data, "Database")["Engine"] == "mysql", "the attachment's engine key"
+    assert template["ssl"] is True
+    assert template["masterarn"] == "${Database.MasterUserSecret.SecretArn}"
+    assert len(template["username"] + "_clone") <= USERNAME_LIMIT, "the clone must fit"
+    rotation = resource(data, f"{name}Rotation")
+    assert rotation["SecretId"] == {"Ref": f"{name}Attachment"}, "rotates with the attachment keys"
+    assert rotation["HostedRotationLambda"]["MasterSecretArn"] == MASTER_SECRET
+    assert "RdsEndpoint" in data["Resources"], "the master secret has no host"
+
+
+def test_bootstrap_creates_exactly_the_users_the_rotated_secrets_name(data):
+    secrets = secrets_of(only_container(data, "BootstrapTaskDefinition"))
+    for kind, name in (("MIGRATION", "MigrationSecret"), ("APP", "AppSecret")):
+        assert secrets[f"{kind}_USER"] == {"Fn::Sub": f"${{{name}}}:username::"}
+        assert secrets[f"{kind}_PASSWORD"] == {"Fn::Sub": f"${{{name}}}:password::"}
+
+
+def test_a_failed_rotation_mails_the_topic_and_alarms_on_the_dashboard(data):
+    rule = resource(data, "RotationFailedRule")
+    pattern = rule["EventPattern"]
+    assert pattern["source"] == ["aws.secretsmanager"]
+    assert pattern["detail"]["eventName"] == ["RotationFailed", "RotationAbandoned"]
+    assert pattern["detail"]["additionalEventData"]["SecretId"] == [
+        {"Ref": "MigrationSecret"},
+        {"Ref": "AppSecret"},
+    ]
+    (target,) = rule["Targets"]
+    assert target["Arn"] == {"Ref": "AlarmTopicArn"}
+    assert target["InputTransformer"]["InputTemplate"]["Fn::Sub"].startswith('"First: make ')
+    alarm = resource(data, "RotationFailedAlarm")
+    assert alarm["AlarmName"] == {"Fn::Sub": "${AWS::StackName}-rotation-failed"}
+    assert alarm["AlarmDescription"].startswith("First: make status")
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/Events", "TriggeredRules")
+    assert alarm["Dimensions"] == [{"Name": "RuleName", "Value": {"Ref": "RotationFailedRule"}}]
+    dashboard = load_template("service.yaml")["Resources"]["Dashboard"]["Properties"]
+    assert '"${DataAlarm}-rotation-failed"' in dashboard["DashboardBody"]["Fn::Sub"][0]
+    base = load_template("base.yaml")
+    (publish,) = [
+        s
+        for s in base["Resources"]["AlarmTopicPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+        if "Service" in s["Principal"]
+    ]
+    assert "events.amazonaws.com" in publish["Principal"]["Service"]
 
 
 # ------------------------------------------------------------------ one-off tasks (B, C)
@@ -241,7 +385,10 @@ def test_deploy_role_runs_only_the_migration_family_in_the_cluster(ci):
         run["Resource"]
         == "arn:aws:ecs:eu-west-1:123456789012:task-definition/cars-api-data-migrate:*"
     )
-    assert run["Condition"] == {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}}
+    assert run["Condition"] == {
+        "ArnEquals": {"ecs:cluster": CLUSTER_ARN},
+        "StringEqualsIfExists": {"ecs:enable-execute-command": "false"},
+    }
     (stop,) = granting(statements_, "ecs:StopTask")
     assert stop["Condition"] == {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}}
 
@@ -355,12 +502,10 @@ def test_rds_exports_error_and_slow_query_logs_into_groups_with_retention(data):
         ("slowquery", "DatabaseSlowQueryLogGroup"),
     ):
         group = resource(data, name)
-        assert group["LogGroupName"] == {
-            "Fn::Sub": f"/aws/rds/instance/${{DatabaseInstanceIdentifier}}/{kind}"
-        }
+        assert group["LogGroupName"] == {"Fn::Sub": f"/aws/rds/instance/${{Prefix}}-data/{kind}"}
         assert group["RetentionInDays"] == {"Ref": "LogRetentionDays"}
         assert name in as_list(database["DependsOn"]), "the group must exist before RDS writes"
-    assert database["Properties"]["DBInstanceIdentifier"] == {"Ref": "DatabaseInstanceIdentifier"}
+    assert database["Properties"]["DBInstanceIdentifier"] == {"Fn::Sub": "${Prefix}-data"}
 
 
 def test_rds_events_reach_the_alarm_topic_which_lets_rds_publish(data):

@@ -156,7 +156,7 @@ def test_wildcard_resources_are_limited_to_actions_without_resource_level_permis
         "cloudformation:ValidateTemplate",
     }
     read_prefixes = ("Describe", "List", "Get")
-    no_resource_level = {"ecs:RegisterTaskDefinition", "ecs:DeregisterTaskDefinition"}
+    no_resource_level = {"ecs:RegisterTaskDefinition"}
     for statement in all_policy_statements(template):
         if statement["Resource"] != "*" or "Condition" in statement:
             continue
@@ -225,16 +225,51 @@ def test_stateful_resources_carry_deletion_and_update_replace_policies(template_
     }
     assert {r["Type"] for r in stateful.values()} == types
     for name, resource in stateful.items():
-        assert resource.get("DeletionPolicy") in {"Retain", "Snapshot", "Delete"}, name
-        assert resource.get("UpdateReplacePolicy") == resource["DeletionPolicy"], name
+        deletion = resource.get("DeletionPolicy")
+        assert deletion in {"Retain", "RetainExceptOnCreate", "Snapshot", "Delete"}, name
+        # UpdateReplacePolicy has no RetainExceptOnCreate: a replacement keeps the old one.
+        replace = "Retain" if deletion == "RetainExceptOnCreate" else deletion
+        assert resource.get("UpdateReplacePolicy") == replace, name
 
 
-def test_data_survives_stack_deletion(base, data):
+def test_data_survives_stack_deletion_but_not_a_rolled_back_first_create(base, data, ci):
     assert data["Resources"]["Database"]["DeletionPolicy"] == "Snapshot"
-    assert base["Resources"]["Repository"]["DeletionPolicy"] == "Retain"
-    assert base["Resources"]["ApiTokenSecret"]["DeletionPolicy"] == "Retain"
-    for name in ("MigrationSecret", "AppSecret"):  # the snapshot is useless without the users
-        assert data["Resources"][name]["DeletionPolicy"] == "Retain", name
+    kept = [
+        base["Resources"]["Repository"],
+        base["Resources"]["ApiTokenSecret"],
+        data["Resources"]["MigrationSecret"],  # the snapshot is useless without the users
+        data["Resources"]["AppSecret"],
+        ci["Resources"]["GitHubOidcProvider"],  # other environments' deploy roles trust it
+    ]
+    for resource in kept:
+        assert resource["DeletionPolicy"] == "RetainExceptOnCreate", resource["Type"]
+        assert resource["UpdateReplacePolicy"] == "Retain", resource["Type"]
+
+
+def test_nothing_a_failed_first_create_leaves_behind_blocks_the_rerun(template):
+    """Whatever a rollback keeps is either unnamed or named after the stack's own id."""
+    for name, resource in template["Resources"].items():
+        if resource.get("DeletionPolicy") != "Retain":
+            continue
+        names = [v for k, v in resource.get("Properties", {}).items() if k.endswith("Name")]
+        assert all("AWS::StackId" in json.dumps(v) for v in names), name
+
+
+def test_the_database_can_roll_back_until_the_bootstrap_made_it_ready(data):
+    parameter = data["Parameters"]["DatabaseReady"]
+    assert parameter["Default"] == "false"
+    assert parameter["AllowedValues"] == ["true", "false"]
+    assert data["Conditions"]["Ready"] == {"Fn::Equals": [{"Ref": "DatabaseReady"}, "true"]}
+    database = data["Resources"]["Database"]["Properties"]
+    assert database["DeletionProtection"] == {"Fn::If": ["Ready", True, False]}
+    for ready, protected in (("false", False), ("true", True)):
+        database = rendered(data, DatabaseReady=ready)["Database"]["Properties"]
+        assert database["DeletionProtection"] is protected
+
+
+def test_no_template_creates_a_service_linked_role(template):
+    """stack-deploy creates them first; one created here would race or collide with it."""
+    assert not resources_of(template, "AWS::IAM::ServiceLinkedRole")
 
 
 def test_repository_tags_are_immutable_and_scanned_on_push(base):
@@ -256,9 +291,9 @@ def test_cluster_has_container_insights(base):
     assert {"Name": "containerInsights", "Value": "enabled"} in settings
 
 
-def test_log_group_is_named_for_the_service_and_has_retention(base):
+def test_log_group_is_named_for_the_prefix_and_has_retention(base):
     log_group = base["Resources"]["LogGroup"]["Properties"]
-    assert log_group["LogGroupName"] == "/ecs/cars-api"
+    assert log_group["LogGroupName"] == {"Fn::Sub": "/ecs/${Prefix}"}
     assert log_group["RetentionInDays"] == {"Ref": "LogRetentionDays"}
 
 
@@ -269,7 +304,7 @@ def test_database_is_private_encrypted_protected_and_backed_up(data):
     assert database["EngineLifecycleSupport"] == "open-source-rds-extended-support-disabled"
     assert database["PubliclyAccessible"] is False
     assert database["StorageEncrypted"] is True
-    assert database["DeletionProtection"] is True
+    assert database["DeletionProtection"] == {"Fn::If": ["Ready", True, False]}
     assert database["BackupRetentionPeriod"] >= 7
     assert database["MultiAZ"] == {"Fn::If": ["IsMultiAz", True, False]}
     subnets = data["Resources"]["DatabaseSubnetGroup"]["Properties"]["SubnetIds"]
@@ -348,9 +383,104 @@ def test_target_group_checks_health_and_drains_quickly(base):
     assert int(delay) <= 30
 
 
+# ------------------------------------------------------------------ side by side (issue 21 item 3)
+
+# Properties that name a resource in a namespace shared by the account (or the world): none of
+# them may be a literal, or two environments would collide on it.
+NAMES_ANYWHERE = {
+    "AlarmName",
+    "BucketName",
+    "DashboardName",
+    "DBInstanceIdentifier",
+    "FunctionName",
+    "LogGroupName",
+    "MetricNamespace",
+    "RepositoryName",
+    "RoleName",
+    "RotationLambdaName",
+    "TopicName",
+}
+NAMES_OF_TYPE = {
+    "AWS::ECS::TaskDefinition": {"Family"},
+    "AWS::ECS::Service": {"ServiceName"},
+    "AWS::IAM::Role": {"Path"},
+    "AWS::SNS::Topic": {"DisplayName"},
+    "AWS::SecretsManager::Secret": {"Name"},
+}
+
+
+def literal_names(template):
+    """(resource, property, value) of every name that is a plain string."""
+    for name, resource in template["Resources"].items():
+        properties = resource.get("Properties", {})
+        for key in NAMES_OF_TYPE.get(resource["Type"], ()):
+            if isinstance(properties.get(key), str):
+                yield name, key, properties[key]
+        for node in walk(properties):
+            if not isinstance(node, dict):
+                continue
+            for key, value in node.items():
+                if key in NAMES_ANYWHERE and isinstance(value, str):
+                    yield name, key, value
+            visibility = node.get("VisibilityConfig", {})
+            if isinstance(visibility.get("MetricName"), str):
+                yield name, "VisibilityConfig.MetricName", visibility["MetricName"]
+            namespace = node.get("Namespace")
+            if isinstance(namespace, str) and not namespace.startswith(("AWS/", "ECS/")):
+                yield name, "Namespace", namespace
+
+
+def test_no_resource_name_is_a_literal(template):
+    assert list(literal_names(template)) == []
+
+
+def test_the_name_check_catches_a_fixed_name(base):
+    fixed = json.loads(json.dumps(base))
+    fixed["Resources"]["LogGroup"]["Properties"]["LogGroupName"] = "/ecs/cars-api"
+    assert list(literal_names(fixed)) == [("LogGroup", "LogGroupName", "/ecs/cars-api")]
+
+
+@pytest.mark.parametrize("name", ["base.yaml", "ci-access.yaml", "data.yaml", "service.yaml"])
+def test_every_template_takes_the_same_prefix(name):
+    prefix = load_template(name)["Parameters"]["Prefix"]
+    assert prefix["Default"] == "cars-api"
+    assert prefix["Description"]
+    assert prefix["MaxLength"] == 20
+    pattern = prefix["AllowedPattern"]
+    for good in ("cars-api", "staging", "team-a2"):
+        assert re.fullmatch(pattern, good), good
+    for bad in ("Staging", "cars--api", "-cars", "cars-", "cars_api", "2cars", "a.b"):
+        assert not re.fullmatch(pattern, bad), bad
+
+
+@pytest.mark.parametrize("prefix", ["cars-api", "staging"])
+def test_names_follow_the_prefix(base, data, ci, prefix):
+    resources = rendered(base, Prefix=prefix)
+    assert resources["Repository"]["Properties"]["RepositoryName"] == prefix
+    assert resources["LogGroup"]["Properties"]["LogGroupName"] == f"/ecs/{prefix}"
+    assert resources["ExecutionRole"]["Properties"]["Path"] == f"/{prefix}/"
+    bucket = resources["AuditBucket"]["Properties"]["BucketName"]
+    assert bucket.startswith(f"aws-waf-logs-{prefix}-")
+    database = rendered(data, Prefix=prefix)["Database"]["Properties"]
+    assert database["DBInstanceIdentifier"] == f"{prefix}-data"
+    (passing,) = granting(deploy_statements(ci, Prefix=prefix), "iam:PassRole")
+    assert all(f":role/{prefix}/" in arn for arn in passing["Resource"])
+
+
 # ------------------------------------------------------------------ entry point (issue 10 item 1)
 
 CERTIFICATE = "arn:aws:acm:eu-west-1:123456789012:certificate/0a1b2c3d-0000-4000-8000-000000000000"
+
+
+def assert_the_apps_problem_shape(fixed):
+    """A fixed answer of the load balancer reads like cars.py's problem+json errors."""
+    body = json.loads(fixed["MessageBody"])
+    status = int(fixed["StatusCode"])
+    assert body["detail"].strip()
+    assert body == cars.problem(status, body["detail"]).body
+    # ALB allows text/plain, text/css, text/html, application/javascript and application/json
+    # only: application/json is the nearest to the app's application/problem+json.
+    assert fixed["ContentType"] == "application/json"
 
 
 def test_plain_http_serves_reads_only_and_refuses_writes_by_default(base):
@@ -360,7 +490,7 @@ def test_plain_http_serves_reads_only_and_refuses_writes_by_default(base):
     assert action["Type"] == "fixed-response"
     refusal = action["FixedResponseConfig"]
     assert refusal["StatusCode"] == "403"
-    assert refusal["ContentType"] == "application/json"
+    assert_the_apps_problem_shape(refusal)
     assert "TLS" in json.loads(refusal["MessageBody"])["detail"]
     rule = resources["PlaintextReadsRule"]["Properties"]
     assert rule["ListenerArn"] == "httplistener-placeholder"
@@ -407,6 +537,7 @@ def test_https_is_gcm_only_hardened_and_serves_only_the_domain_name(base):
     (default,) = https["DefaultActions"]
     assert default["Type"] == "fixed-response"
     assert default["FixedResponseConfig"]["StatusCode"] == "404"
+    assert_the_apps_problem_shape(default["FixedResponseConfig"])
     rules = [
         r["Properties"]
         for r in resources.values()
@@ -438,9 +569,9 @@ def test_only_the_https_listener_forwards_without_a_host_check(base):
 # ------------------------------------------------------------------ deploy role trust (item 4)
 
 
-def subjects(owner_id, repository_id, repository):
+def subjects(owner_id, repository_id, repository, environment="production"):
     return [
-        f"repository_owner_id:{owner_id}:repository_id:{repository_id}:environment:production"
+        f"repository_owner_id:{owner_id}:repository_id:{repository_id}:environment:{environment}"
         f":ref:refs/heads/main:job_workflow_ref:{repository}/.github/workflows/{workflow}"
         "@refs/heads/main"
         for workflow in ("ci.yml", "rollback.yml")
@@ -463,6 +594,16 @@ def test_deploy_role_trusts_exactly_ci_and_rollback_on_main_by_numeric_ids(ci):
         "42", "4242", "acme/cars"
     )
     assert "*" not in json.dumps(condition)
+
+
+def test_each_environment_has_its_own_deploy_role(ci):
+    assert ci["Parameters"]["GitHubEnvironment"]["Default"] == "production"
+    ids = {"GitHubOwnerId": "42", "GitHubRepositoryId": "4242", "GitHubRepository": "acme/cars"}
+    role = rendered(ci, GitHubEnvironment="staging", **ids)["DeployRole"]["Properties"]
+    (statement,) = role["AssumeRolePolicyDocument"]["Statement"]
+    trusted = statement["Condition"]["StringEquals"]["token.actions.githubusercontent.com:sub"]
+    assert trusted == subjects("42", "4242", "acme/cars", "staging")
+    assert not [s for s in trusted if ":environment:production:" in s]
 
 
 def test_deploy_role_trusts_the_github_oidc_provider_created_or_existing(ci):
@@ -549,7 +690,6 @@ DEPLOY_ROLE_ACTIONS = {
     # what the service stack contains
     "ecs:CreateService",
     "ecs:DeleteService",
-    "ecs:DeregisterTaskDefinition",
     "ecs:DescribeClusters",
     "ecs:DescribeServiceDeployments",
     "ecs:DescribeServices",
@@ -587,14 +727,10 @@ DEPLOY_ROLE_ACTIONS = {
     "cloudwatch:DeleteDashboards",  # the service stack's dashboard only
     "cloudwatch:GetDashboard",
     "cloudwatch:PutDashboard",
-    # status, logs and verification
+    # status and verification (no logs: CI reads none, and they could carry what a task printed)
     "elasticloadbalancing:DescribeLoadBalancers",
     "elasticloadbalancing:DescribeTargetGroups",
     "elasticloadbalancing:DescribeTargetHealth",
-    "logs:DescribeLogGroups",
-    "logs:DescribeLogStreams",
-    "logs:FilterLogEvents",
-    "logs:GetLogEvents",
 }
 
 
@@ -945,7 +1081,7 @@ def test_database_alarms_watch_cpu_and_free_storage(data):
         for a in resources_of(data, "AWS::CloudWatch::Alarm").values()
     }
     assert set(metrics) >= {"CPUUtilization", "FreeStorageSpace"}
-    for alarm in metrics.values():
+    for alarm in (metrics["CPUUtilization"], metrics["FreeStorageSpace"]):
         assert alarm["Namespace"] == "AWS/RDS"
         assert alarm["Dimensions"] == [
             {"Name": "DBInstanceIdentifier", "Value": {"Ref": "Database"}}
