@@ -475,6 +475,11 @@ SELECT_CAR = "SELECT id, brand, model, year, version FROM cars WHERE id = %s"
 SELECT_PAGE = "SELECT id, brand, model, year, version FROM cars WHERE id > %s"
 SELECT_CAR_FOR_UPDATE = SELECT_CAR + " FOR UPDATE"  # SQLite needs none: BEGIN IMMEDIATE locks
 SELECT_KEY = "SELECT fingerprint, car_id, created_at FROM idempotency_keys WHERE idem_key = %s"
+# MySQL's plain SELECT reads a snapshot: a key another process replaced since would look expired.
+# The locking read waits for that process and sees its row; SQLite's BEGIN IMMEDIATE serialises.
+SELECT_KEY_FOR_UPDATE = SELECT_KEY + " FOR UPDATE"
+DELETE_KEY = "DELETE FROM idempotency_keys WHERE idem_key = %s AND created_at = %s"
+SELECT_CAR_ID = "SELECT id FROM cars WHERE id = %s"
 INSERT_KEY = (
     "INSERT INTO idempotency_keys (idem_key, fingerprint, car_id, created_at)"
     " VALUES (%s, %s, %s, %s)"
@@ -487,6 +492,7 @@ DELETE_EXPIRED_KEYS = {
 }
 KEY_LIFETIME = 24 * 3600  # seconds an Idempotency-Key is remembered
 KEY_CLEANUP_BATCH = 100  # expired keys each keyed POST deletes: bounded, and more than it adds
+ANONYMOUS = b"anonymous"  # the caller of a write when no API_TOKEN is set
 
 # MySQL error numbers by meaning. Anything not named here is a bug or a schema problem: 500.
 MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2055})  # the connection is unusable
@@ -959,16 +965,28 @@ def insert_car(car):
     return query(sql, (car["brand"], car["model"], car["year"])).lastrowid
 
 
+def scoped_key(key, caller, operation):
+    """Return the stored form of an Idempotency-Key: one per caller (credential) and operation.
+
+    A hash, so that the column keeps its width and never holds a credential.
+    """
+    scope = hashlib.sha256(caller)
+    scope.update(f"\n{operation}\n{key}".encode())
+    return scope.hexdigest()
+
+
 def create_once(key, fingerprint, car):
     """Insert the car and its Idempotency-Key together, or return the id the key already made."""
     now = int(time.time())
-    row = query(SELECT_KEY, (key,)).fetchone()
+    row = query(SELECT_KEY_FOR_UPDATE if db().mysql else SELECT_KEY, (key,)).fetchone()
     if row is not None and row[2] > now - KEY_LIFETIME:
         if row[0] != fingerprint:
             raise problem(422, "This Idempotency-Key was already used with a different body.")
+        if query(SELECT_CAR_ID, (row[1],)).fetchone() is None:
+            raise problem(410, f"The car this Idempotency-Key created, /cars/{row[1]}, is gone.")
         return row[1]
-    if row is not None:  # expired, and not yet cleaned up
-        query("DELETE FROM idempotency_keys WHERE idem_key = %s", (key,))
+    if row is not None and query(DELETE_KEY, (key, row[2])).rowcount != 1:  # expired
+        raise ConflictError("the expired key was replaced while this request read it")
     car_id = insert_car(car)
     query(INSERT_KEY, (key, fingerprint, car_id, now))
     return car_id
@@ -1313,6 +1331,7 @@ def authorize():
             401, "A valid bearer token is required.", WWW_Authenticate='Bearer realm="cars-api"'
         )
     request.environ["cars.auth"] = "ok" if current else "ok-previous"
+    request.environ["cars.caller"] = given  # scopes Idempotency-Keys to this credential
 
 
 def guard(callback):
@@ -1388,6 +1407,7 @@ def create_car():
         car_id = db().atomically(lambda: insert_car(car))
     else:
         fingerprint = hashlib.sha256(raw).hexdigest()
+        key = scoped_key(key, request.environ.get("cars.caller", ANONYMOUS), "POST /cars")
         with claim_key(key):
             forget_expired_keys()
             try:
@@ -1493,8 +1513,10 @@ def openapi():
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "description": "Makes a retried create safe: the same key and body within 24 h return"
-        " the first 201 again; another body gets 422; while the first runs, 409.",
+        "description": "Makes a retried create safe: the same caller (bearer token) with the"
+        " same key and body within 24 h gets the first 201 again; another body gets 422; while"
+        " the first runs, 409; once the car it created is deleted, 410. Keys of different"
+        " callers never meet.",
         "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY},
     }
     exact = [
@@ -1553,7 +1575,7 @@ def openapi():
                             ref["Car"],
                             {**tag, "Location": {"schema": {"type": "string"}}},
                         ),
-                        **errors(*writes, 409),
+                        **errors(*writes, 409, 410),
                     },
                 },
             },

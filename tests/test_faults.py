@@ -76,18 +76,6 @@ def wait_for_lock_wait(side):
     return None
 
 
-@pytest.fixture
-def mysql_app(mysql_database):
-    """Point the one WSGI app at the real MySQL for one test; put the old store back after."""
-    saved = cars.app.config.get("cars.settings"), cars.app.config.get("cars.db")
-    cars.configure(cars.load_settings(mysql_env(mysql_database)))
-    database = cars.app.config["cars.db"]
-    database.execute("DELETE FROM cars")
-    yield webtest.TestApp(cars.app), database
-    database.discard()
-    cars.app.config["cars.settings"], cars.app.config["cars.db"] = saved
-
-
 # -- Link lost at commit (simulated) ------------------------------------------------------------
 
 
