@@ -454,11 +454,12 @@ SCHEMA_TABLE = {
     " description TEXT NOT NULL, oldest_code INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
 }
 SELECT_SCHEMA = "SELECT MAX(version), MAX(oldest_code) FROM schema_migrations"
+SELECT_DATABASE = "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s"
 INSERT_MIGRATION = (
     "INSERT INTO schema_migrations (version, description, oldest_code, applied_at)"
     " VALUES (%s, %s, %s, %s)"
 )
-MIGRATION_LOCK_WAIT = 60.0  # seconds `migrate` waits for another run's lock before it fails
+MIGRATION_LOCK_WAIT = 60.0  # seconds `migrate` waits for another run's lock (serving: DB_TIMEOUT)
 MIGRATION_READ_TIMEOUT = 900.0  # seconds one DDL statement may run (an ALTER of a big table)
 SCHEMA_RECHECK = 1.0  # seconds a refused schema is trusted before the database is asked again
 # Identities that bootstrap creates: the migration one changes the schema of the application's
@@ -513,6 +514,7 @@ MYSQL_DENIED = frozenset({1044, 1045})  # credentials refused: a rotation half d
 MYSQL_DEADLOCK = 1213
 MYSQL_DUPLICATE = 1062
 MYSQL_NO_TABLE = 1146
+MYSQL_NO_DATABASE = 1049
 # SQLite reports by message only; these mean "not now", not "never".
 SQLITE_BUSY = ("locked", "readonly database", "unable to open", "disk i/o error", "disk is full")
 
@@ -626,7 +628,9 @@ class Database:
         self.mysql = settings.mysql_host is not None
         self.errors = (pymysql.err.Error,) if self.mysql else (sqlite3.Error,)
         self.local = threading.local()
-        self.schema_ready = False  # migrated at first use (AUTO_MIGRATE); twice at once is harmless
+        # AUTO_MIGRATE checks at first use, then never again: a database dropped later is an
+        # error to see (500), not one to recreate empty. Two threads checking at once is harmless.
+        self.schema_ready = not settings.auto_migrate
         self.schema_lock = threading.Lock()  # guards the refusal below, so that it logs once
         self.refused, self.refused_at = None, 0.0  # the (version, oldest code) refused, and when
         # SQLite only, local and quick: switching a new file to WAL fails at once ("database is
@@ -706,17 +710,18 @@ class Database:
             return 0, 0
         return version or 0, oldest_code or 0
 
-    def create_schema(self, read_timeout=None):
-        """Apply the pending migrations in order, each in its own lock; return those applied."""
+    def create_schema(self, read_timeout=None, patience=None):
+        """Apply the pending migrations in order, each in its own lock; return those applied.
+
+        patience bounds each wait for another run's lock: DB_TIMEOUT unless given (`migrate`).
+        """
         applied = []
         conn = self.open(database=False, read_timeout=read_timeout)
         try:
             if self.mysql:
-                name = self.settings.mysql_database.replace("`", "``")
-                self.on(conn, f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-                self.on(conn, f"USE `{name}`")
+                self.use_database(conn)
             while True:
-                with self.migration_lock(conn):
+                with self.migration_lock(conn, patience or self.settings.db_timeout):
                     migration = self.apply_next(conn)
                 if migration is None:
                     break
@@ -727,8 +732,15 @@ class Database:
                 )
         finally:
             conn.close()
-        self.schema_ready = True
         return applied
+
+    def use_database(self, conn):
+        """Switch to the app's database, creating it only if missing (an app identity cannot)."""
+        name = self.settings.mysql_database
+        if not self.on(conn, SELECT_DATABASE, (name,)).fetchone():
+            quoted = name.replace("`", "``")
+            self.on(conn, f"CREATE DATABASE IF NOT EXISTS `{quoted}` CHARACTER SET utf8mb4")
+        self.on(conn, f"USE `{name.replace('`', '``')}`")
 
     def apply_next(self, conn):
         """Apply the first migration the database lacks and record it; return it, or None."""
@@ -747,8 +759,11 @@ class Database:
         return migration
 
     @contextmanager
-    def migration_lock(self, conn):
-        """Hold the database's migration lock: GET_LOCK (MySQL) or an IMMEDIATE transaction."""
+    def migration_lock(self, conn, patience):
+        """Hold the database's migration lock: GET_LOCK (MySQL) or an IMMEDIATE transaction.
+
+        MySQL's lock is awaited patience seconds at most, in waits that fit the socket timeout.
+        """
         if not self.mysql:
             conn.execute("BEGIN IMMEDIATE")  # SQLite's DDL is transactional: all of it or none
             try:
@@ -759,11 +774,11 @@ class Database:
             conn.execute("COMMIT")
             return
         name = f"cars-api:migrate:{self.settings.mysql_database}"[:64]  # MySQL's longest name
-        deadline = time.monotonic() + MIGRATION_LOCK_WAIT
-        wait = self.timeouts()[0]  # inside the socket's read timeout
+        deadline = time.monotonic() + patience
+        wait = self.timeouts()[0]  # inside the socket's read timeout, and within DB_TIMEOUT
         while not self.on(conn, "SELECT GET_LOCK(%s, %s)", (name, wait)).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"another migration held the lock {MIGRATION_LOCK_WAIT} s")
+            if time.monotonic() + wait > deadline:
+                raise UnavailableError(f"another migration held the lock past {patience} s")
         try:
             yield
         finally:
@@ -789,6 +804,16 @@ class Database:
             self.refused = verdict
         raise SchemaError(f"schema version {version} needs code {oldest_code}")
 
+    def open_unless_missing(self):
+        """Open a connection; None if the MySQL database is missing and the migration makes it."""
+        try:
+            return self.open()
+        except self.errors as exc:
+            code = exc.args[0] if exc.args else None
+            if not self.schema_ready and self.mysql and code == MYSQL_NO_DATABASE:
+                return None
+            raise
+
     def recently_refused(self):
         """Raise SchemaError while a refusal is fresh, sparing the database a query per request."""
         if self.refused is not None and time.monotonic() < self.refused_at + SCHEMA_RECHECK:
@@ -797,26 +822,33 @@ class Database:
     def connection(self):
         """Return this thread's connection; a new one migrates (AUTO_MIGRATE) and checks the schema.
 
-        Each new connection reads the schema version, and a refusal is asked again after
-        SCHEMA_RECHECK: running `migrate` later makes the server ready without a restart, at the
-        cost of one small query per new connection (connections live as long as their thread).
+        Each new connection reads the schema version (migrating first if it is behind, with
+        AUTO_MIGRATE on), and a refusal is asked again after SCHEMA_RECHECK: running `migrate`
+        later makes the server ready without a restart, at the cost of one small query per new
+        connection (connections live as long as their thread).
         """
         conn = getattr(self.local, "conn", None)
         if conn is not None:
             return conn
         self.recently_refused()
         try:
-            if self.settings.auto_migrate and not self.schema_ready:
+            conn = self.open_unless_missing()
+            version = self.schema_version(conn) if conn else (0, 0)
+            # Migrate only when behind: a current schema needs no DDL right, so an app identity
+            # with AUTO_MIGRATE on serves. The lock wait is bounded by DB_TIMEOUT.
+            if not self.schema_ready and version[0] < SCHEMA_VERSION:
                 self.create_schema()
-            conn = self.open()
-            version = self.schema_version(conn)
-        except MigrationError as exc:
-            raise store_failure(exc.__cause__) from exc
-        except self.errors as exc:
+                conn = conn or self.open()
+                version = self.schema_version(conn)
+            self.schema_ready = True
+        except (MigrationError, UnavailableError, *self.errors) as exc:
             if conn is not None:
                 with suppress(Exception):  # the connection may be the broken part
                     conn.close()
-            raise store_failure(exc) from exc
+            if isinstance(exc, UnavailableError):  # the migration lock stayed taken
+                raise
+            cause = exc.__cause__ if isinstance(exc, MigrationError) else exc
+            raise store_failure(cause) from exc
         try:
             self.check_schema(*version)
         except SchemaError:
@@ -1867,7 +1899,7 @@ def serve(settings):
 def migrate_command(database):
     """Apply the pending migrations; return the exit code, after one line saying what happened."""
     try:
-        applied = database.create_schema(read_timeout=MIGRATION_READ_TIMEOUT)
+        applied = database.create_schema(MIGRATION_READ_TIMEOUT, MIGRATION_LOCK_WAIT)
         with closing(database.open(read_timeout=MIGRATION_READ_TIMEOUT)) as conn:
             version, oldest_code = database.schema_version(conn)
     except MigrationError as exc:
@@ -1878,6 +1910,10 @@ def migrate_command(database):
         log.error("migration failed", extra={"fields": {"error": str(exc)}})
         return 1
     fields = {"schema_version": version, "schema_needs_code": oldest_code, "applied": len(applied)}
+    if not supported(version, oldest_code):  # newer than this code: the server would refuse it
+        fields["code_version"] = SCHEMA_VERSION
+        log.error("schema not supported by this release", extra={"fields": fields})
+        return 1
     log.info("schema current", extra={"fields": fields})
     return 0
 
