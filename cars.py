@@ -33,8 +33,10 @@ import pymysql
 import waitress
 from bottle import request, response
 from waitress import wasyncore
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import Error as WaitressError
+from waitress.utilities import RequestEntityTooLarge
 
 # -- Configuration -------------------------------------------------------------------------------
 
@@ -75,6 +77,21 @@ SHUTDOWN_GRACE = 2 * MAX_DB_TIMEOUT + MAX_QUEUE_TIMEOUT + 1
 THREAD_JOIN = 1.0
 SETTLE = 0.2  # seconds the drain keeps reading, so that requests already sent are served
 STREAM_HELP = 64 * 1024  # bytes queued by a busy worker past which the event loop helps send
+# Slow and hostile clients. No connection holds a worker, a slot or the shutdown for long: the
+# event loop sweeps every connection each SWEEP_INTERVAL and closes those past a bound.
+CONNECTION_LIMIT = 500  # open connections Waitress accepts (each is a descriptor, no thread)
+EVICT_HEADROOM = 20  # nearer the limit than this, the longest-quiet connections without a
+# request in a worker are closed, so the listener never stops accepting (a /health probe too)
+REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last (headers and body)
+IDLE_TIMEOUT = 65.0  # seconds a keep-alive connection may idle: above the ALB's 60 s idle timeout
+OUTBUF_HIGH_WATERMARK = 1024 * 1024  # bytes queued per connection past which its worker waits
+SEND_WAIT = 1.0  # seconds a worker waits for the client to take output past the mark, then drops
+# the connection (one page is far below the mark: only a client that pipelines requests and
+# leaves megabytes unread ever makes a worker wait)
+SEND_TIMEOUT = 10.0  # seconds a finished answer may go untaken (no byte sent) before closing
+DRAIN_UPLOAD = 2.0  # seconds a request half-sent at SIGTERM gets to arrive whole
+SWEEP_INTERVAL = 0.25  # seconds between sweeps of the connections
+CHUNKED_FRAMING = 7 * MAX_BODY  # bytes of chunk framing a chunked body may add to MAX_BODY
 
 log = logging.getLogger("cars")
 
@@ -1286,9 +1303,7 @@ app.default_error_handler = render_problem
 def start_request():
     """Note when the request began and its id; refuse a path that is not UTF-8; answer OPTIONS."""
     request.environ["cars.start"] = time.perf_counter()
-    given = header("X-Request-Id")
-    valid = 0 < len(given) <= 128 and given.isascii() and given.isprintable()
-    request.environ["cars.request_id"] = given if valid else uuid.uuid4().hex
+    request.environ["cars.request_id"] = request_id_of(header("X-Request-Id"))
     try:
         request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
     except UnicodeError:
@@ -1298,6 +1313,12 @@ def start_request():
         if not allowed:
             raise problem(404, "No such resource.")
         raise bottle.HTTPResponse(status=204, Allow=", ".join(allowed))
+
+
+def request_id_of(given):
+    """Return the client's X-Request-Id if it is usable, else a new one."""
+    valid = 0 < len(given) <= 128 and given.isascii() and given.isprintable()
+    return given if valid else uuid.uuid4().hex
 
 
 def allowed_methods(path):
@@ -1319,25 +1340,30 @@ def finish_request():
     request_id = environ.get("cars.request_id", "")
     response.set_header("X-Request-Id", request_id)
     if log.isEnabledFor(logging.INFO):
-        access_line(environ, request_id)
+        method = environ["REQUEST_METHOD"]
+        started = environ.get("cars.start", time.perf_counter())
+        duration = round((time.perf_counter() - started) * 1000, 2)
+        auth = environ.get("cars.auth", "none") if method in WRITE_METHODS else None
+        fields = (method, request.path, response.status_code, duration, request_id, auth)
+        access_line(*fields, environ)
 
 
-def access_line(environ, request_id):
-    """Queue the access line, with its audit fields: one f-string, no logging record, no write."""
-    started = environ.get("cars.start", time.perf_counter())
-    method = environ["REQUEST_METHOD"]
+def access_line(method, path, status, duration_ms, request_id, auth, environ):
+    """Queue the access line: one f-string, no logging record, no write.
+
+    Every answered request, those Waitress refuses too, logs the same fields (null if unknown):
+    auth is the result of the token check on writes, null where none was made.
+    """
     line = (
         f'{{"time": "{log_time(time.time())}", "level": "INFO", "logger": "cars", '
-        f'"message": "request", "method": {quote(method)}, "path": {quote(request.path)}, '
-        f'"status": {response.status_code}, '
-        f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}, '
-        f'"request_id": {quote(request_id)}'
+        f'"message": "request", "method": {quote(method) if method else "null"}, '
+        f'"path": {quote(path) if path else "null"}, "status": {status}, '
+        f'"duration_ms": {duration_ms}, "request_id": {quote(request_id)}'
     )
     for name, key, limit in AUDIT_FIELDS:  # environ never raises on bytes that are not UTF-8
         value = environ.get(key)
         line += f', "{name}": {quote(value[:limit]) if value else "null"}'
-    if method in WRITE_METHODS:
-        line += f', "auth": "{environ.get("cars.auth", "none")}"'
+    line += f', "auth": {quote(auth) if auth else "null"}'
     if JsonLineHandler.active is None:  # logging not configured: the WSGI app driven in-process
         log.info("request", extra={"fields": json.loads(line + "}")})
     else:
@@ -1728,25 +1754,58 @@ class QueueTimeoutError(WaitressError):
 
 
 class ProblemTask(ErrorTask):
-    """Answer what Waitress refuses itself (bad framing, 413, 431, overload) as problem+json."""
+    """Answer what Waitress refuses itself (bad framing, 413, 431, overload) as problem+json.
+
+    The answer echoes X-Request-Id and the access line has every field a served request's has.
+    """
 
     def execute(self):
-        error = self.request.error
+        req, error = self.request, self.request.error
         detail = {
             413: f"The body is larger than {MAX_BODY} bytes.",
             503: "The service is overloaded; retry shortly.",
         }.get(error.code, str(error.body)[:200])
         body = json.dumps(problem(error.code, detail).body).encode()
+        request_id = request_id_of(req.headers.get("X_REQUEST_ID", ""))
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/problem+json"))
+        self.response_headers.append(("X-Request-Id", request_id))
         if error.code == 503:
             self.response_headers.append(("Retry-After", "1"))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
-        method = getattr(self.request, "command", None)  # unset when the request line was bad
-        fields = {"method": method, "status": error.code, "error": error.reason}
-        log.info("request refused", extra={"fields": fields})
+        if log.isEnabledFor(logging.INFO):
+            queued = getattr(req, "cars_queued", None)
+            waited = round((time.monotonic() - queued) * 1000, 2) if queued else 0.0
+            audit = {"HTTP_" + key: value for key, value in req.headers.items()}
+            audit["REMOTE_ADDR"] = self.channel.addr[0] if self.channel.addr else None
+            # command and path are unset when the request line itself was refused
+            fields = (getattr(req, "command", None), getattr(req, "path", None), error.code)
+            access_line(*fields, waited, request_id, None, audit)
+
+
+class RequestParser(HTTPRequestParser):
+    """Waitress's request parser, with two refusals it lacks.
+
+    MAX_BODY counts a chunked body's payload, not its framing (Waitress counts the bytes on the
+    wire: 65,536 bytes sent chunked were 413, with Content-Length 201). Content-Length beside
+    Transfer-Encoding: chunked is refused 400 and the connection closed (RFC 9112 section 6.3).
+    """
+
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            raise ParsingError("Content-Length and Transfer-Encoding: chunked in one request")
+
+    def received(self, data):
+        consumed = super().received(data)
+        if self.error is None and (
+            self.content_length > MAX_BODY or (self.chunked and len(self.body_rcv) > MAX_BODY)
+        ):
+            self.error = RequestEntityTooLarge(f"exceeds {MAX_BODY} bytes")
+            self.completed = True
+        return consumed
 
 
 class Task(WSGITask):
@@ -1759,10 +1818,35 @@ class Task(WSGITask):
 
 
 class Channel(waitress.channel.HTTPChannel):
-    """Waitress's HTTP connection, with the two task classes above."""
+    """Waitress's HTTP connection, with the classes above and a bounded wait for slow readers."""
 
     task_class = Task
     error_task_class = ProblemTask
+    parser_class = RequestParser
+    partial, partial_since = None, 0.0  # the incomplete request the sweep last saw, and since when
+
+    def _flush_outbufs_below_high_watermark(self):
+        """Wait SEND_WAIT at most for the client to take queued output, else drop the client.
+
+        Waitress (3.0.2) waits here without a limit while more than the high-water mark is
+        queued, so clients that pipeline requests and never read pinned every worker. Giving up
+        marks the connection gone: write_soon raises ClientDisconnected, service() queues no
+        further request, and the event loop's sweep closes the socket.
+        """
+        if self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+            return
+        deadline = time.monotonic() + SEND_WAIT
+        with self.outbuf_lock:
+            _, failed = self._flush_exception(self._flush_some, do_close=False)
+            while not failed and self.connected:
+                remaining = deadline - time.monotonic()
+                if self.total_outbufs_len <= self.adj.outbuf_high_watermark or remaining <= 0:
+                    break
+                self.server.pull_trigger()
+                self.outbuf_lock.wait(remaining)
+            if failed or self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                self.connected, self.will_close = False, True
+                self.server.pull_trigger()
 
     def writable(self):
         """Leave a response to the worker that is still writing it, instead of polling for it.
@@ -1826,6 +1910,38 @@ def busy(channels):
     return any(c.request or c.requests or c.total_outbufs_len for c in channels)
 
 
+def overdue(channel, now, cutoff):
+    """Tell whether a connection broke a bound and must close (cutoff: the drain's upload end).
+
+    A request being answered is left alone: its worker is bounded by DB_TIMEOUT and SEND_WAIT.
+    """
+    if channel.will_close:
+        return True  # a worker gave up on it, or Waitress marked it (a socket that cannot send)
+    if channel.requests:
+        return False
+    if channel.request is not None:  # a request still arriving
+        if channel.request is not channel.partial:
+            channel.partial, channel.partial_since = channel.request, now
+        return now - channel.partial_since > REQUEST_TIMEOUT or now > cutoff
+    if channel.total_outbufs_len:  # a finished answer the client does not take
+        return now - channel.last_activity > SEND_TIMEOUT
+    return now - channel.last_activity > IDLE_TIMEOUT
+
+
+def sweep(sockets, cutoff=math.inf):
+    """Close the connections past a bound, then the longest-quiet ones while near the limit."""
+    now = time.time()  # Waitress's last_activity is wall-clock time
+    channels = [d for d in sockets.values() if isinstance(d, Channel)]
+    closing = [c for c in channels if overdue(c, now, cutoff)]
+    excess = len(sockets) - len(closing) - (CONNECTION_LIMIT - EVICT_HEADROOM)
+    if excess > 0:  # near the limit: make room for EVICT_HEADROOM more at once
+        quiet = [c for c in set(channels).difference(closing) if not c.requests]
+        quiet.sort(key=lambda c: c.partial_since if c.request is not None else c.last_activity)
+        closing += quiet[: excess + EVICT_HEADROOM]
+    for channel in closing:
+        channel.handle_close()
+
+
 def accept_backlog(listener):
     """Take every connection the kernel has already accepted, so that none is reset at close."""
     for _ in range(listener.adj.connection_limit):
@@ -1857,10 +1973,12 @@ def serve(settings):
         port=settings.port,
         threads=settings.threads,
         ident="cars-api",
-        channel_timeout=30,
-        connection_limit=200,
+        channel_timeout=IDLE_TIMEOUT,  # the sweep closes idle connections on time; this too
+        connection_limit=CONNECTION_LIMIT,
+        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
         max_request_header_size=16 * 1024,
-        max_request_body_size=MAX_BODY + 1,  # Waitress refuses a body of this size or more
+        # RequestParser refuses a payload over MAX_BODY; this bounds a chunked body's framing
+        max_request_body_size=MAX_BODY + CHUNKED_FRAMING + 1,
         clear_untrusted_proxy_headers=False,  # kept for the access line's audit; never trusted
     )
     sockets = getattr(server, "map", None) or server._map  # several listeners, or one
@@ -1871,9 +1989,14 @@ def serve(settings):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: signals.append(number))
     log.info("listening", extra={"fields": {"url": f"http://{settings.host}:{settings.port}"}})
+    crowded, next_sweep = CONNECTION_LIMIT - EVICT_HEADROOM, 0.0
     while not signals:
         wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
         dispatcher.answer_now()
+        now = time.monotonic()
+        if now >= next_sweep or len(sockets) > crowded:
+            sweep(sockets)
+            next_sweep = now + SWEEP_INTERVAL
     log.info("stopping: finishing accepted requests")
     draining.set()
     for listener in listeners:
@@ -1881,10 +2004,12 @@ def serve(settings):
         wasyncore.dispatcher.close(listener)
     now = time.monotonic()
     settle, deadline = now + SETTLE, now + SHUTDOWN_GRACE
+    uploads_end = time.time() + DRAIN_UPLOAD  # then a request still arriving is dropped
     channels = [d for d in sockets.values() if isinstance(d, Channel)]
     while len(signals) < 2 and now < deadline and (now < settle or busy(channels)):
         wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
         dispatcher.answer_now()
+        sweep(sockets, uploads_end)
         channels = [d for d in sockets.values() if isinstance(d, Channel)]
         now = time.monotonic()
     if len(signals) > 1:
@@ -1893,6 +2018,8 @@ def serve(settings):
         log.warning("shutdown grace ran out with requests in flight")
     dispatcher.shutdown(timeout=0 if len(signals) > 1 else THREAD_JOIN)
     wasyncore.close_all(sockets)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # one more while exiting changes nothing
+        signal.signal(signum, signal.SIG_IGN)
     log.info("stopped")
 
 
