@@ -513,7 +513,8 @@ KEY_CLEANUP_BATCH = 100  # expired keys each keyed POST deletes: bounded, and mo
 ANONYMOUS = b"anonymous"  # the caller of a write when no API_TOKEN is set
 
 # MySQL error numbers by meaning. Anything not named here is a bug or a schema problem: 500.
-MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2055})  # the connection is unusable
+# The connection is unusable; 2026: TLS failed (MYSQL_SSL_CA set and a server without TLS).
+MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2026, 2055})
 MYSQL_BUSY = frozenset(
     {
         1040,  # too many connections
@@ -651,7 +652,8 @@ class Database:
         self.schema_lock = threading.Lock()  # guards the refusal below, so that it logs once
         self.refused, self.refused_at = None, 0.0  # the (version, oldest code) refused, and when
         # SQLite only, local and quick: switching a new file to WAL fails at once ("database is
-        # locked", no busy wait) while another connection switches it too, so opens take turns.
+        # locked", no busy wait) while another connection switches it too, so this process's
+        # opens take turns (and switch_to_wal retries while another process holds it).
         self.sqlite_open_lock = threading.Lock()
         self.tls = tls_context(settings.mysql_ssl_ca)
 
@@ -678,7 +680,7 @@ class Database:
         if not self.mysql:
             with self.sqlite_open_lock:
                 conn = sqlite3.connect(s.sqlite_path, timeout=s.db_timeout, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
+                self.switch_to_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         lock_wait, socket_timeout = self.timeouts()
@@ -707,6 +709,22 @@ class Database:
             conn.ssl, conn.ctx = True, self.tls
         conn.connect()
         return conn
+
+    def switch_to_wal(self, conn):
+        """Put a SQLite file in WAL mode, retrying within DB_TIMEOUT while others hold it.
+
+        The switch fails at once ("database is locked", SQLite's busy wait does not apply) while
+        another connection, of this process or another, uses a file still in rollback mode.
+        """
+        deadline = time.monotonic() + self.settings.db_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
     def on(self, conn, sql, args=None):
         """Run one statement on a given connection (migrations, bootstrap); return the cursor."""
@@ -1308,11 +1326,25 @@ def start_request():
         request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise problem(400, "The path is not valid UTF-8.") from None
+    if not canonical(request.environ.get("REQUEST_URI", "/")):
+        raise problem(404, "No such resource.")
     if request.method == "OPTIONS":
         allowed = allowed_methods(request.path)
         if not allowed:
             raise problem(404, "No such resource.")
         raise bottle.HTTPResponse(status=204, Allow=", ".join(allowed))
+
+
+def canonical(target):
+    """Tell whether a raw request target spells its path the one way (one URL per car).
+
+    No path of this API needs percent-encoding or an empty segment, while Waitress decodes both
+    away: /cars%2F1, /cars/%31 and //cars/1 would all reach car 1.
+    """
+    path = target.partition("?")[0]
+    if not path.startswith("/"):  # absolute form, http://host/path (RFC 9112 section 3.2.2)
+        path = "/" + path.partition("://")[2].partition("/")[2]
+    return "%" not in path and "//" not in path
 
 
 def request_id_of(given):
@@ -1373,11 +1405,19 @@ def access_line(method, path, status, duration_ms, request_id, auth, environ):
 def authorize():
     """Demand a bearer token on writes when API_TOKEN is set; note which one for the audit.
 
+    Without API_TOKEN, a write must name a Host no DNS-rebinding page can (rebinding_safe).
+
     During a rotation API_TOKEN_PREVIOUS is accepted too ("ok-previous"); both are compared in
     constant time, always both, so the timing tells nothing about either.
     """
     settings = app.config["cars.settings"]
     if settings.api_token is None:
+        if not rebinding_safe(header("Host")):
+            raise problem(
+                403,
+                "Without API_TOKEN, writes are accepted only for a Host that is localhost or an"
+                " IP address: another name may be a page rebinding its DNS to this service.",
+            )
         return
     request.environ["cars.auth"] = "failed"
     scheme, _, given = header("Authorization").partition(" ")
@@ -1390,6 +1430,25 @@ def authorize():
         )
     request.environ["cars.auth"] = "ok" if current else "ok-previous"
     request.environ["cars.caller"] = given  # scopes Idempotency-Keys to this credential
+
+
+def rebinding_safe(host):
+    """Tell whether a Host header cannot be a DNS-rebinding page's: localhost or an IP literal.
+
+    A browser sends the page's own host name, and a page whose origin is an address cannot
+    rebind it. The port is not checked: a container's port may be published on another.
+    """
+    if not host:
+        return True  # browsers always send Host; a client without one is not a web page
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    name = name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def guard(callback):
@@ -1559,7 +1618,8 @@ def openapi():
             for c in codes
         }
 
-    writes = (401, 415, 413, 422, 400, 503)
+    writes = (401, 403, 415, 413, 422, 400, 503)
+    bearer = [{"bearer": []}]  # writes need the token (when API_TOKEN is set); reads do not
     car_id = {
         "name": "id",
         "in": "path",
@@ -1595,6 +1655,7 @@ def openapi():
                 "get": {
                     "summary": "Liveness",
                     "operationId": "health",
+                    "security": [],
                     "responses": {"200": answer("Alive", {"type": "object"})},
                 }
             },
@@ -1602,6 +1663,7 @@ def openapi():
                 "get": {
                     "summary": "Readiness",
                     "operationId": "ready",
+                    "security": [],
                     "responses": {
                         "200": answer("The database answers", {"type": "object"}),
                         **errors(503),
@@ -1612,6 +1674,7 @@ def openapi():
                 "get": {
                     "summary": "List cars",
                     "operationId": "listCars",
+                    "security": [],
                     "parameters": exact,
                     "responses": {
                         "200": answer(
@@ -1625,6 +1688,7 @@ def openapi():
                 "post": {
                     "summary": "Add a car",
                     "operationId": "createCar",
+                    "security": bearer,
                     "parameters": [idempotency_key],
                     "requestBody": json_body(ref["CarInput"], "application/json"),
                     "responses": {
@@ -1642,11 +1706,13 @@ def openapi():
                 "get": {
                     "summary": "Get a car",
                     "operationId": "getCar",
+                    "security": [],
                     "responses": {"200": answer("The car", ref["Car"], tag), **errors(404, 503)},
                 },
                 "put": {
                     "summary": "Replace a car",
                     "operationId": "replaceCar",
+                    "security": bearer,
                     "parameters": [if_match],
                     "requestBody": json_body(ref["CarReplace"], "application/json"),
                     "responses": {
@@ -1657,6 +1723,7 @@ def openapi():
                 "patch": {
                     "summary": "Change a car",
                     "operationId": "patchCar",
+                    "security": bearer,
                     "parameters": [if_match],
                     "requestBody": json_body(
                         ref["CarPatch"], "application/json", "application/merge-patch+json"
@@ -1669,14 +1736,16 @@ def openapi():
                 "delete": {
                     "summary": "Remove a car",
                     "operationId": "deleteCar",
+                    "security": bearer,
                     "parameters": [if_match],
-                    "responses": {"204": answer("Removed"), **errors(401, 404, 412, 503)},
+                    "responses": {"204": answer("Removed"), **errors(401, 403, 404, 412, 503)},
                 },
             },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
                     "operationId": "openapi",
+                    "security": [],
                     "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})},
                 }
             },

@@ -539,3 +539,124 @@ def test_waitress_still_has_what_the_serving_overrides_rely_on():
     assert {"chunked", "content_length", "body_rcv", "error", "completed"} <= set(vars(parser))
     assert "self.parse_header(header_plus)" in inspect.getsource(parser.received)
     assert "RequestEntityTooLarge" in inspect.getsource(parser.received)
+
+
+# -- HTTP framing and targets --------------------------------------------------------------------
+
+
+def exchange(port, data):
+    """Send raw bytes; return (status, head, body, closed): closed if the server hung up after."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+        sock.settimeout(2)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return int(head.split(b" ")[1]), head, json.loads(body), closed
+
+
+def car_body(size):
+    """Return a car's JSON of exactly size bytes (padded with spaces, which JSON ignores)."""
+    body = json.dumps(GOLF).encode()
+    return body + b" " * (size - len(body))
+
+
+def chunked(body, chunk=4096):
+    """Frame a body with Transfer-Encoding: chunked."""
+    parts = [body[i : i + chunk] for i in range(0, len(body), chunk)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+POST_HEAD = b"POST /cars HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("chunk", [4096, 64])
+def test_a_chunked_body_of_max_body_bytes_is_accepted_like_the_same_content_length_body(
+    run_server, chunk
+):
+    server = run_server()
+    body = car_body(cars.MAX_BODY)
+    plain = POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    framed = POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, chunk)
+    assert exchange(server.port, plain)[0] == 201
+    assert exchange(server.port, framed)[0] == 201
+    one_more = car_body(cars.MAX_BODY + 1)
+    status, head, problem_body, _ = exchange(
+        server.port, POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(one_more, chunk)
+    )
+    assert (status, problem_body["status"]) == (413, 413)
+    assert b"application/problem+json" in head
+
+
+def test_content_length_beside_chunked_is_refused_400_and_the_connection_closed(run_server):
+    server = run_server()
+    body = json.dumps(GOLF).encode()
+    smuggled = (
+        POST_HEAD
+        + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body)
+        + chunked(body)
+    )
+    status, head, problem_body, closed = exchange(server.port, smuggled)
+    assert (status, problem_body["status"]) == (400, 400)
+    assert b"application/problem+json" in head
+    assert closed, "the connection stayed open after Content-Length with chunked"
+    assert request(server.port, "GET", "/cars")[2] == []  # nothing was stored
+
+
+@pytest.mark.parametrize("target", ["/cars%2F1", "/cars%2f1", "//cars/1", "/cars/%31", "/cars//1"])
+def test_only_the_one_url_of_a_car_reaches_it(run_server, target):
+    server = run_server()
+    assert request(server.port, "POST", "/cars", GOLF)[0] == 201
+    assert request(server.port, "GET", "/cars/1")[0] == 200
+    status, headers, body, _ = request(server.port, "GET", target)
+    assert (status, headers["Content-Type"]) == (404, "application/problem+json")
+    assert body["status"] == 404
+
+
+def test_a_request_in_absolute_form_reaches_its_path(run_server):
+    server = run_server()
+    raw = b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    assert exchange(server.port, raw)[0] == 200
+
+
+# -- DNS rebinding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["attacker.example", "attacker.example:{port}", "localhost.attacker.example"]
+)
+def test_anonymous_writes_for_a_foreign_host_name_are_403(run_server, host):
+    server = run_server()  # loopback, no API_TOKEN: anonymous writes
+    headers = {"Host": host.format(port=server.port)}
+    status, response_headers, body, _ = request(server.port, "POST", "/cars", GOLF, headers)
+    assert (status, response_headers["Content-Type"]) == (403, "application/problem+json")
+    assert "Host" in body["detail"]
+    assert request(server.port, "GET", "/cars", headers=headers)[2] == []  # reads stay open
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "localhost"]
+)
+def test_anonymous_writes_for_a_loopback_host_are_accepted(run_server, host):
+    server = run_server()
+    headers = {"Host": host.format(port=server.port)}
+    assert request(server.port, "POST", "/cars", GOLF, headers)[0] == 201
+
+
+def test_with_a_token_a_load_balancer_host_name_is_fine(run_server):
+    server = run_server({"API_TOKEN": TOKEN})
+    headers = {
+        "Host": "cars-api-123.eu-west-1.elb.amazonaws.com",
+        "Authorization": f"Bearer {TOKEN}",
+    }
+    assert request(server.port, "POST", "/cars", GOLF, headers)[0] == 201
