@@ -398,6 +398,7 @@ def test_anonymous_writes_are_allowed_only_on_loopback_or_when_named(env):
 # -- Slow and hostile clients ------------------------------------------------------------------
 
 PAGE = b"GET /cars?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+POST_HEAD = b"POST /cars HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
 def seed_big_pages(server, tmp_path, count=1000):
@@ -465,11 +466,16 @@ def open_idle(port, count):
     return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
 
 
-def test_a_full_connection_table_of_idle_and_trickling_clients_leaves_health_fast(run_server):
+def test_a_full_connection_table_of_idle_trickling_and_half_sent_clients_leaves_health_fast(
+    run_server,
+):
     server = run_server()
     tricklers = open_idle(server.port, 20)
     for sock in tricklers:
         sock.sendall(b"GET /cars HTTP/1.1\r\n")
+    half_sent = open_idle(server.port, 20)
+    for sock in half_sent:  # the headers, then a body that stops halfway
+        sock.sendall(POST_HEAD + b"Content-Length: 40\r\n\r\n{")
     idle = open_idle(server.port, cars.CONNECTION_LIMIT + 50)
     for sock in tricklers:  # still trickling: one header line each
         with contextlib.suppress(OSError):
@@ -479,7 +485,7 @@ def test_a_full_connection_table_of_idle_and_trickling_clients_leaves_health_fas
         assert max(durations) < HEALTH_BOUND, sorted(durations)[-3:]
         assert request(server.port, "GET", "/cars", timeout=5)[0] == 200
     finally:
-        for sock in tricklers + idle:
+        for sock in tricklers + half_sent + idle:
             sock.close()
 
 
@@ -575,9 +581,6 @@ def chunked(body, chunk=4096):
     """Frame a body with Transfer-Encoding: chunked."""
     parts = [body[i : i + chunk] for i in range(0, len(body), chunk)]
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
-
-
-POST_HEAD = b"POST /cars HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
 @pytest.mark.parametrize("chunk", [4096, 64])
