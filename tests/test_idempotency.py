@@ -3,6 +3,7 @@
 Every test runs on SQLite and on the real MySQL, and uses keys of its own.
 """
 
+import contextlib
 import http.client
 import json
 import sqlite3
@@ -317,3 +318,52 @@ def test_an_expired_key_raced_by_another_process_makes_one_car_and_one_answer(
     assert [answers[p][0] for p in "AB"] == [201, 201], answers
     assert answers["A"][1] == answers["B"][1]
     assert stored_key(database, key)[0] == made[0]
+
+
+def test_two_processes_on_one_sqlite_file_make_one_car_per_key(run_server, tmp_path):
+    # SQLite's BEGIN IMMEDIATE serialises the read of the key and the insert across processes;
+    # half of the keys start out expired, the case the MySQL race above opened.
+    env = {"SQLITE_PATH": str(tmp_path / "shared.db")}
+    servers = [run_server(env), run_server(env)]
+    for server in servers:
+        with urllib.request.urlopen(f"{server.url}/ready", timeout=10) as ready:
+            assert ready.status == 200
+    keys = [new_key() for _ in range(10)]
+    expired = int(time.time()) - cars.KEY_LIFETIME - 60
+    with contextlib.closing(sqlite3.connect(tmp_path / "shared.db", timeout=10)) as db, db:
+        db.executemany(
+            "INSERT INTO idempotency_keys (idem_key, fingerprint, car_id, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            [(scope(key), "0" * 64, 999_999_999, expired) for key in keys[::2]],
+        )
+    answers = {key: [] for key in keys}
+
+    def post_until_answered(server, key):
+        for _ in range(50):  # 409 while the other process holds the key: retry, as clients do
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+            conn.request("POST", "/cars", json.dumps({**GOLF, "model": key[-12:]}), headers)
+            res = conn.getresponse()
+            body = json.loads(res.read())
+            conn.close()
+            if res.status != 409:
+                answers[key].append((res.status, body.get("id")))
+                return
+            time.sleep(0.05)
+
+    senders = [
+        threading.Thread(target=post_until_answered, args=(server, key))
+        for key in keys
+        for server in servers
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(timeout=60)
+    with contextlib.closing(sqlite3.connect(tmp_path / "shared.db", timeout=10)) as db:
+        made = db.execute("SELECT model, COUNT(*) FROM cars GROUP BY model").fetchall()
+    assert sorted(made) == sorted((key[-12:], 1) for key in keys)
+    for key, got in answers.items():
+        assert len(got) == 2, (key, got)
+        assert {status for status, _ in got} == {201}, (key, got)
+        assert len({car_id for _, car_id in got}) == 1, (key, got)

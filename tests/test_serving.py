@@ -440,9 +440,10 @@ def test_clients_that_pipeline_and_do_not_read_lose_their_connection_not_the_wor
             reader.start()
     started = time.monotonic()
     health, statuses = [], []
-    # Each stalled connection holds a worker SEND_WAIT at most, so 2 x THREADS of them cost
-    # the workers 2 x SEND_WAIT; then everyone is served again.
-    recovered_by = 2 * cars.SEND_WAIT + 2 * SLACK + 1
+    # Each stalled connection holds a worker while the buffers fill (a second or two of pages
+    # here) and then SEND_WAIT at most, so 2 x THREADS of them cost each worker two such turns;
+    # then everyone is served again. Without the bound the workers never come back.
+    recovered_by = 2 * (2 + cars.SEND_WAIT) + SLACK
     while time.monotonic() - started < recovered_by + 2:
         health.extend(probe_health(server.port, 1, pause=0))
         if time.monotonic() - started > recovered_by:
