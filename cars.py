@@ -33,8 +33,10 @@ import pymysql
 import waitress
 from bottle import request, response
 from waitress import wasyncore
+from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import Error as WaitressError
+from waitress.utilities import RequestEntityTooLarge
 
 # -- Configuration -------------------------------------------------------------------------------
 
@@ -75,6 +77,21 @@ SHUTDOWN_GRACE = 2 * MAX_DB_TIMEOUT + MAX_QUEUE_TIMEOUT + 1
 THREAD_JOIN = 1.0
 SETTLE = 0.2  # seconds the drain keeps reading, so that requests already sent are served
 STREAM_HELP = 64 * 1024  # bytes queued by a busy worker past which the event loop helps send
+# Slow and hostile clients. No connection holds a worker, a slot or the shutdown for long: the
+# event loop sweeps every connection each SWEEP_INTERVAL and closes those past a bound.
+CONNECTION_LIMIT = 500  # open connections Waitress accepts (each is a descriptor, no thread)
+EVICT_HEADROOM = 20  # nearer the limit than this, the longest-quiet connections without a
+# request in a worker are closed, so the listener never stops accepting (a /health probe too)
+REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte to its last (headers and body)
+IDLE_TIMEOUT = 65.0  # seconds a keep-alive connection may idle: above the ALB's 60 s idle timeout
+OUTBUF_HIGH_WATERMARK = 1024 * 1024  # bytes queued per connection past which its worker waits
+SEND_WAIT = 1.0  # seconds a worker waits for the client to take output past the mark, then drops
+# the connection (one page is far below the mark: only a client that pipelines requests and
+# leaves megabytes unread ever makes a worker wait)
+SEND_TIMEOUT = 10.0  # seconds a finished answer may go untaken (no byte sent) before closing
+DRAIN_UPLOAD = 2.0  # seconds a request half-sent at SIGTERM gets to arrive whole
+SWEEP_INTERVAL = 0.25  # seconds between sweeps of the connections
+CHUNKED_FRAMING = 7 * MAX_BODY  # bytes of chunk framing a chunked body may add to MAX_BODY
 
 log = logging.getLogger("cars")
 
@@ -454,11 +471,12 @@ SCHEMA_TABLE = {
     " description TEXT NOT NULL, oldest_code INTEGER NOT NULL, applied_at INTEGER NOT NULL)",
 }
 SELECT_SCHEMA = "SELECT MAX(version), MAX(oldest_code) FROM schema_migrations"
+SELECT_DATABASE = "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s"
 INSERT_MIGRATION = (
     "INSERT INTO schema_migrations (version, description, oldest_code, applied_at)"
     " VALUES (%s, %s, %s, %s)"
 )
-MIGRATION_LOCK_WAIT = 60.0  # seconds `migrate` waits for another run's lock before it fails
+MIGRATION_LOCK_WAIT = 60.0  # seconds `migrate` waits for another run's lock (serving: DB_TIMEOUT)
 MIGRATION_READ_TIMEOUT = 900.0  # seconds one DDL statement may run (an ALTER of a big table)
 SCHEMA_RECHECK = 1.0  # seconds a refused schema is trusted before the database is asked again
 # Identities that bootstrap creates: the migration one changes the schema of the application's
@@ -475,6 +493,11 @@ SELECT_CAR = "SELECT id, brand, model, year, version FROM cars WHERE id = %s"
 SELECT_PAGE = "SELECT id, brand, model, year, version FROM cars WHERE id > %s"
 SELECT_CAR_FOR_UPDATE = SELECT_CAR + " FOR UPDATE"  # SQLite needs none: BEGIN IMMEDIATE locks
 SELECT_KEY = "SELECT fingerprint, car_id, created_at FROM idempotency_keys WHERE idem_key = %s"
+# MySQL's plain SELECT reads a snapshot: a key another process replaced since would look expired.
+# The locking read waits for that process and sees its row; SQLite's BEGIN IMMEDIATE serialises.
+SELECT_KEY_FOR_UPDATE = SELECT_KEY + " FOR UPDATE"
+DELETE_KEY = "DELETE FROM idempotency_keys WHERE idem_key = %s AND created_at = %s"
+SELECT_CAR_ID = "SELECT id FROM cars WHERE id = %s"
 INSERT_KEY = (
     "INSERT INTO idempotency_keys (idem_key, fingerprint, car_id, created_at)"
     " VALUES (%s, %s, %s, %s)"
@@ -487,9 +510,11 @@ DELETE_EXPIRED_KEYS = {
 }
 KEY_LIFETIME = 24 * 3600  # seconds an Idempotency-Key is remembered
 KEY_CLEANUP_BATCH = 100  # expired keys each keyed POST deletes: bounded, and more than it adds
+ANONYMOUS = b"anonymous"  # the caller of a write when no API_TOKEN is set
 
 # MySQL error numbers by meaning. Anything not named here is a bug or a schema problem: 500.
-MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2055})  # the connection is unusable
+# The connection is unusable; 2026: TLS failed (MYSQL_SSL_CA set and a server without TLS).
+MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2026, 2055})
 MYSQL_BUSY = frozenset(
     {
         1040,  # too many connections
@@ -507,6 +532,7 @@ MYSQL_DENIED = frozenset({1044, 1045})  # credentials refused: a rotation half d
 MYSQL_DEADLOCK = 1213
 MYSQL_DUPLICATE = 1062
 MYSQL_NO_TABLE = 1146
+MYSQL_NO_DATABASE = 1049
 # SQLite reports by message only; these mean "not now", not "never".
 SQLITE_BUSY = ("locked", "readonly database", "unable to open", "disk i/o error", "disk is full")
 
@@ -620,11 +646,14 @@ class Database:
         self.mysql = settings.mysql_host is not None
         self.errors = (pymysql.err.Error,) if self.mysql else (sqlite3.Error,)
         self.local = threading.local()
-        self.schema_ready = False  # migrated at first use (AUTO_MIGRATE); twice at once is harmless
+        # AUTO_MIGRATE checks at first use, then never again: a database dropped later is an
+        # error to see (500), not one to recreate empty. Two threads checking at once is harmless.
+        self.schema_ready = not settings.auto_migrate
         self.schema_lock = threading.Lock()  # guards the refusal below, so that it logs once
         self.refused, self.refused_at = None, 0.0  # the (version, oldest code) refused, and when
         # SQLite only, local and quick: switching a new file to WAL fails at once ("database is
-        # locked", no busy wait) while another connection switches it too, so opens take turns.
+        # locked", no busy wait) while another connection switches it too, so this process's
+        # opens take turns (and switch_to_wal retries while another process holds it).
         self.sqlite_open_lock = threading.Lock()
         self.tls = tls_context(settings.mysql_ssl_ca)
 
@@ -651,7 +680,7 @@ class Database:
         if not self.mysql:
             with self.sqlite_open_lock:
                 conn = sqlite3.connect(s.sqlite_path, timeout=s.db_timeout, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
+                self.switch_to_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         lock_wait, socket_timeout = self.timeouts()
@@ -681,6 +710,22 @@ class Database:
         conn.connect()
         return conn
 
+    def switch_to_wal(self, conn):
+        """Put a SQLite file in WAL mode, retrying within DB_TIMEOUT while others hold it.
+
+        The switch fails at once ("database is locked", SQLite's busy wait does not apply) while
+        another connection, of this process or another, uses a file still in rollback mode.
+        """
+        deadline = time.monotonic() + self.settings.db_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
+
     def on(self, conn, sql, args=None):
         """Run one statement on a given connection (migrations, bootstrap); return the cursor."""
         cur = conn.cursor()
@@ -700,17 +745,18 @@ class Database:
             return 0, 0
         return version or 0, oldest_code or 0
 
-    def create_schema(self, read_timeout=None):
-        """Apply the pending migrations in order, each in its own lock; return those applied."""
+    def create_schema(self, read_timeout=None, patience=None):
+        """Apply the pending migrations in order, each in its own lock; return those applied.
+
+        patience bounds each wait for another run's lock: DB_TIMEOUT unless given (`migrate`).
+        """
         applied = []
         conn = self.open(database=False, read_timeout=read_timeout)
         try:
             if self.mysql:
-                name = self.settings.mysql_database.replace("`", "``")
-                self.on(conn, f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4")
-                self.on(conn, f"USE `{name}`")
+                self.use_database(conn)
             while True:
-                with self.migration_lock(conn):
+                with self.migration_lock(conn, patience or self.settings.db_timeout):
                     migration = self.apply_next(conn)
                 if migration is None:
                     break
@@ -721,8 +767,15 @@ class Database:
                 )
         finally:
             conn.close()
-        self.schema_ready = True
         return applied
+
+    def use_database(self, conn):
+        """Switch to the app's database, creating it only if missing (an app identity cannot)."""
+        name = self.settings.mysql_database
+        if not self.on(conn, SELECT_DATABASE, (name,)).fetchone():
+            quoted = name.replace("`", "``")
+            self.on(conn, f"CREATE DATABASE IF NOT EXISTS `{quoted}` CHARACTER SET utf8mb4")
+        self.on(conn, f"USE `{name.replace('`', '``')}`")
 
     def apply_next(self, conn):
         """Apply the first migration the database lacks and record it; return it, or None."""
@@ -741,8 +794,11 @@ class Database:
         return migration
 
     @contextmanager
-    def migration_lock(self, conn):
-        """Hold the database's migration lock: GET_LOCK (MySQL) or an IMMEDIATE transaction."""
+    def migration_lock(self, conn, patience):
+        """Hold the database's migration lock: GET_LOCK (MySQL) or an IMMEDIATE transaction.
+
+        MySQL's lock is awaited patience seconds at most, in waits that fit the socket timeout.
+        """
         if not self.mysql:
             conn.execute("BEGIN IMMEDIATE")  # SQLite's DDL is transactional: all of it or none
             try:
@@ -753,11 +809,11 @@ class Database:
             conn.execute("COMMIT")
             return
         name = f"cars-api:migrate:{self.settings.mysql_database}"[:64]  # MySQL's longest name
-        deadline = time.monotonic() + MIGRATION_LOCK_WAIT
-        wait = self.timeouts()[0]  # inside the socket's read timeout
+        deadline = time.monotonic() + patience
+        wait = self.timeouts()[0]  # inside the socket's read timeout, and within DB_TIMEOUT
         while not self.on(conn, "SELECT GET_LOCK(%s, %s)", (name, wait)).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"another migration held the lock {MIGRATION_LOCK_WAIT} s")
+            if time.monotonic() + wait > deadline:
+                raise UnavailableError(f"another migration held the lock past {patience} s")
         try:
             yield
         finally:
@@ -783,6 +839,16 @@ class Database:
             self.refused = verdict
         raise SchemaError(f"schema version {version} needs code {oldest_code}")
 
+    def open_unless_missing(self):
+        """Open a connection; None if the MySQL database is missing and the migration makes it."""
+        try:
+            return self.open()
+        except self.errors as exc:
+            code = exc.args[0] if exc.args else None
+            if not self.schema_ready and self.mysql and code == MYSQL_NO_DATABASE:
+                return None
+            raise
+
     def recently_refused(self):
         """Raise SchemaError while a refusal is fresh, sparing the database a query per request."""
         if self.refused is not None and time.monotonic() < self.refused_at + SCHEMA_RECHECK:
@@ -791,26 +857,33 @@ class Database:
     def connection(self):
         """Return this thread's connection; a new one migrates (AUTO_MIGRATE) and checks the schema.
 
-        Each new connection reads the schema version, and a refusal is asked again after
-        SCHEMA_RECHECK: running `migrate` later makes the server ready without a restart, at the
-        cost of one small query per new connection (connections live as long as their thread).
+        Each new connection reads the schema version (migrating first if it is behind, with
+        AUTO_MIGRATE on), and a refusal is asked again after SCHEMA_RECHECK: running `migrate`
+        later makes the server ready without a restart, at the cost of one small query per new
+        connection (connections live as long as their thread).
         """
         conn = getattr(self.local, "conn", None)
         if conn is not None:
             return conn
         self.recently_refused()
         try:
-            if self.settings.auto_migrate and not self.schema_ready:
+            conn = self.open_unless_missing()
+            version = self.schema_version(conn) if conn else (0, 0)
+            # Migrate only when behind: a current schema needs no DDL right, so an app identity
+            # with AUTO_MIGRATE on serves. The lock wait is bounded by DB_TIMEOUT.
+            if not self.schema_ready and version[0] < SCHEMA_VERSION:
                 self.create_schema()
-            conn = self.open()
-            version = self.schema_version(conn)
-        except MigrationError as exc:
-            raise store_failure(exc.__cause__) from exc
-        except self.errors as exc:
+                conn = conn or self.open()
+                version = self.schema_version(conn)
+            self.schema_ready = True
+        except (MigrationError, UnavailableError, *self.errors) as exc:
             if conn is not None:
                 with suppress(Exception):  # the connection may be the broken part
                     conn.close()
-            raise store_failure(exc) from exc
+            if isinstance(exc, UnavailableError):  # the migration lock stayed taken
+                raise
+            cause = exc.__cause__ if isinstance(exc, MigrationError) else exc
+            raise store_failure(cause) from exc
         try:
             self.check_schema(*version)
         except SchemaError:
@@ -959,16 +1032,28 @@ def insert_car(car):
     return query(sql, (car["brand"], car["model"], car["year"])).lastrowid
 
 
+def scoped_key(key, caller, operation):
+    """Return the stored form of an Idempotency-Key: one per caller (credential) and operation.
+
+    A hash, so that the column keeps its width and never holds a credential.
+    """
+    scope = hashlib.sha256(caller)
+    scope.update(f"\n{operation}\n{key}".encode())
+    return scope.hexdigest()
+
+
 def create_once(key, fingerprint, car):
     """Insert the car and its Idempotency-Key together, or return the id the key already made."""
     now = int(time.time())
-    row = query(SELECT_KEY, (key,)).fetchone()
+    row = query(SELECT_KEY_FOR_UPDATE if db().mysql else SELECT_KEY, (key,)).fetchone()
     if row is not None and row[2] > now - KEY_LIFETIME:
         if row[0] != fingerprint:
             raise problem(422, "This Idempotency-Key was already used with a different body.")
+        if query(SELECT_CAR_ID, (row[1],)).fetchone() is None:
+            raise problem(410, f"The car this Idempotency-Key created, /cars/{row[1]}, is gone.")
         return row[1]
-    if row is not None:  # expired, and not yet cleaned up
-        query("DELETE FROM idempotency_keys WHERE idem_key = %s", (key,))
+    if row is not None and query(DELETE_KEY, (key, row[2])).rowcount != 1:  # expired
+        raise ConflictError("the expired key was replaced while this request read it")
     car_id = insert_car(car)
     query(INSERT_KEY, (key, fingerprint, car_id, now))
     return car_id
@@ -1236,18 +1321,36 @@ app.default_error_handler = render_problem
 def start_request():
     """Note when the request began and its id; refuse a path that is not UTF-8; answer OPTIONS."""
     request.environ["cars.start"] = time.perf_counter()
-    given = header("X-Request-Id")
-    valid = 0 < len(given) <= 128 and given.isascii() and given.isprintable()
-    request.environ["cars.request_id"] = given if valid else uuid.uuid4().hex
+    request.environ["cars.request_id"] = request_id_of(header("X-Request-Id"))
     try:
         request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise problem(400, "The path is not valid UTF-8.") from None
+    if not canonical(request.environ.get("REQUEST_URI", "/")):
+        raise problem(404, "No such resource.")
     if request.method == "OPTIONS":
         allowed = allowed_methods(request.path)
         if not allowed:
             raise problem(404, "No such resource.")
         raise bottle.HTTPResponse(status=204, Allow=", ".join(allowed))
+
+
+def canonical(target):
+    """Tell whether a raw request target spells its path the one way (one URL per car).
+
+    No path of this API needs percent-encoding or an empty segment, while Waitress decodes both
+    away: /cars%2F1, /cars/%31 and //cars/1 would all reach car 1.
+    """
+    path = target.partition("?")[0]
+    if not path.startswith("/"):  # absolute form, http://host/path (RFC 9112 section 3.2.2)
+        path = "/" + path.partition("://")[2].partition("/")[2]
+    return "%" not in path and "//" not in path
+
+
+def request_id_of(given):
+    """Return the client's X-Request-Id if it is usable, else a new one."""
+    valid = 0 < len(given) <= 128 and given.isascii() and given.isprintable()
+    return given if valid else uuid.uuid4().hex
 
 
 def allowed_methods(path):
@@ -1269,25 +1372,30 @@ def finish_request():
     request_id = environ.get("cars.request_id", "")
     response.set_header("X-Request-Id", request_id)
     if log.isEnabledFor(logging.INFO):
-        access_line(environ, request_id)
+        method = environ["REQUEST_METHOD"]
+        started = environ.get("cars.start", time.perf_counter())
+        duration = round((time.perf_counter() - started) * 1000, 2)
+        auth = environ.get("cars.auth", "none") if method in WRITE_METHODS else None
+        fields = (method, request.path, response.status_code, duration, request_id, auth)
+        access_line(*fields, environ)
 
 
-def access_line(environ, request_id):
-    """Queue the access line, with its audit fields: one f-string, no logging record, no write."""
-    started = environ.get("cars.start", time.perf_counter())
-    method = environ["REQUEST_METHOD"]
+def access_line(method, path, status, duration_ms, request_id, auth, environ):
+    """Queue the access line: one f-string, no logging record, no write.
+
+    Every answered request, those Waitress refuses too, logs the same fields (null if unknown):
+    auth is the result of the token check on writes, null where none was made.
+    """
     line = (
         f'{{"time": "{log_time(time.time())}", "level": "INFO", "logger": "cars", '
-        f'"message": "request", "method": {quote(method)}, "path": {quote(request.path)}, '
-        f'"status": {response.status_code}, '
-        f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}, '
-        f'"request_id": {quote(request_id)}'
+        f'"message": "request", "method": {quote(method) if method else "null"}, '
+        f'"path": {quote(path) if path else "null"}, "status": {status}, '
+        f'"duration_ms": {duration_ms}, "request_id": {quote(request_id)}'
     )
     for name, key, limit in AUDIT_FIELDS:  # environ never raises on bytes that are not UTF-8
         value = environ.get(key)
         line += f', "{name}": {quote(value[:limit]) if value else "null"}'
-    if method in WRITE_METHODS:
-        line += f', "auth": "{environ.get("cars.auth", "none")}"'
+    line += f', "auth": {quote(auth) if auth else "null"}'
     if JsonLineHandler.active is None:  # logging not configured: the WSGI app driven in-process
         log.info("request", extra={"fields": json.loads(line + "}")})
     else:
@@ -1297,11 +1405,19 @@ def access_line(environ, request_id):
 def authorize():
     """Demand a bearer token on writes when API_TOKEN is set; note which one for the audit.
 
+    Without API_TOKEN, a write must name a Host no DNS-rebinding page can (rebinding_safe).
+
     During a rotation API_TOKEN_PREVIOUS is accepted too ("ok-previous"); both are compared in
     constant time, always both, so the timing tells nothing about either.
     """
     settings = app.config["cars.settings"]
     if settings.api_token is None:
+        if not rebinding_safe(header("Host")):
+            raise problem(
+                403,
+                "Without API_TOKEN, writes are accepted only for a Host that is localhost or an"
+                " IP address: another name may be a page rebinding its DNS to this service.",
+            )
         return
     request.environ["cars.auth"] = "failed"
     scheme, _, given = header("Authorization").partition(" ")
@@ -1313,6 +1429,26 @@ def authorize():
             401, "A valid bearer token is required.", WWW_Authenticate='Bearer realm="cars-api"'
         )
     request.environ["cars.auth"] = "ok" if current else "ok-previous"
+    request.environ["cars.caller"] = given  # scopes Idempotency-Keys to this credential
+
+
+def rebinding_safe(host):
+    """Tell whether a Host header cannot be a DNS-rebinding page's: localhost or an IP literal.
+
+    A browser sends the page's own host name, and a page whose origin is an address cannot
+    rebind it. The port is not checked: a container's port may be published on another.
+    """
+    if not host:
+        return True  # browsers always send Host; a client without one is not a web page
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    name = name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def guard(callback):
@@ -1388,6 +1524,7 @@ def create_car():
         car_id = db().atomically(lambda: insert_car(car))
     else:
         fingerprint = hashlib.sha256(raw).hexdigest()
+        key = scoped_key(key, request.environ.get("cars.caller", ANONYMOUS), "POST /cars")
         with claim_key(key):
             forget_expired_keys()
             try:
@@ -1481,7 +1618,8 @@ def openapi():
             for c in codes
         }
 
-    writes = (401, 415, 413, 422, 400, 503)
+    writes = (401, 403, 415, 413, 422, 400, 503)
+    bearer = [{"bearer": []}]  # writes need the token (when API_TOKEN is set); reads do not
     car_id = {
         "name": "id",
         "in": "path",
@@ -1493,8 +1631,10 @@ def openapi():
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "description": "Makes a retried create safe: the same key and body within 24 h return"
-        " the first 201 again; another body gets 422; while the first runs, 409.",
+        "description": "Makes a retried create safe: the same caller (bearer token) with the"
+        " same key and body within 24 h gets the first 201 again; another body gets 422; while"
+        " the first runs, 409; once the car it created is deleted, 410. Keys of different"
+        " callers never meet.",
         "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY},
     }
     exact = [
@@ -1515,6 +1655,7 @@ def openapi():
                 "get": {
                     "summary": "Liveness",
                     "operationId": "health",
+                    "security": [],
                     "responses": {"200": answer("Alive", {"type": "object"})},
                 }
             },
@@ -1522,6 +1663,7 @@ def openapi():
                 "get": {
                     "summary": "Readiness",
                     "operationId": "ready",
+                    "security": [],
                     "responses": {
                         "200": answer("The database answers", {"type": "object"}),
                         **errors(503),
@@ -1532,6 +1674,7 @@ def openapi():
                 "get": {
                     "summary": "List cars",
                     "operationId": "listCars",
+                    "security": [],
                     "parameters": exact,
                     "responses": {
                         "200": answer(
@@ -1545,6 +1688,7 @@ def openapi():
                 "post": {
                     "summary": "Add a car",
                     "operationId": "createCar",
+                    "security": bearer,
                     "parameters": [idempotency_key],
                     "requestBody": json_body(ref["CarInput"], "application/json"),
                     "responses": {
@@ -1553,7 +1697,7 @@ def openapi():
                             ref["Car"],
                             {**tag, "Location": {"schema": {"type": "string"}}},
                         ),
-                        **errors(*writes, 409),
+                        **errors(*writes, 409, 410),
                     },
                 },
             },
@@ -1562,11 +1706,13 @@ def openapi():
                 "get": {
                     "summary": "Get a car",
                     "operationId": "getCar",
+                    "security": [],
                     "responses": {"200": answer("The car", ref["Car"], tag), **errors(404, 503)},
                 },
                 "put": {
                     "summary": "Replace a car",
                     "operationId": "replaceCar",
+                    "security": bearer,
                     "parameters": [if_match],
                     "requestBody": json_body(ref["CarReplace"], "application/json"),
                     "responses": {
@@ -1577,6 +1723,7 @@ def openapi():
                 "patch": {
                     "summary": "Change a car",
                     "operationId": "patchCar",
+                    "security": bearer,
                     "parameters": [if_match],
                     "requestBody": json_body(
                         ref["CarPatch"], "application/json", "application/merge-patch+json"
@@ -1589,14 +1736,16 @@ def openapi():
                 "delete": {
                     "summary": "Remove a car",
                     "operationId": "deleteCar",
+                    "security": bearer,
                     "parameters": [if_match],
-                    "responses": {"204": answer("Removed"), **errors(401, 404, 412, 503)},
+                    "responses": {"204": answer("Removed"), **errors(401, 403, 404, 412, 503)},
                 },
             },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
                     "operationId": "openapi",
+                    "security": [],
                     "responses": {"200": answer("OpenAPI 3.1", {"type": "object"})},
                 }
             },
@@ -1674,25 +1823,58 @@ class QueueTimeoutError(WaitressError):
 
 
 class ProblemTask(ErrorTask):
-    """Answer what Waitress refuses itself (bad framing, 413, 431, overload) as problem+json."""
+    """Answer what Waitress refuses itself (bad framing, 413, 431, overload) as problem+json.
+
+    The answer echoes X-Request-Id and the access line has every field a served request's has.
+    """
 
     def execute(self):
-        error = self.request.error
+        req, error = self.request, self.request.error
         detail = {
             413: f"The body is larger than {MAX_BODY} bytes.",
             503: "The service is overloaded; retry shortly.",
         }.get(error.code, str(error.body)[:200])
         body = json.dumps(problem(error.code, detail).body).encode()
+        request_id = request_id_of(req.headers.get("X_REQUEST_ID", ""))
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/problem+json"))
+        self.response_headers.append(("X-Request-Id", request_id))
         if error.code == 503:
             self.response_headers.append(("Retry-After", "1"))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
-        method = getattr(self.request, "command", None)  # unset when the request line was bad
-        fields = {"method": method, "status": error.code, "error": error.reason}
-        log.info("request refused", extra={"fields": fields})
+        if log.isEnabledFor(logging.INFO):
+            queued = getattr(req, "cars_queued", None)
+            waited = round((time.monotonic() - queued) * 1000, 2) if queued else 0.0
+            audit = {"HTTP_" + key: value for key, value in req.headers.items()}
+            audit["REMOTE_ADDR"] = self.channel.addr[0] if self.channel.addr else None
+            # command and path are unset when the request line itself was refused
+            fields = (getattr(req, "command", None), getattr(req, "path", None), error.code)
+            access_line(*fields, waited, request_id, None, audit)
+
+
+class RequestParser(HTTPRequestParser):
+    """Waitress's request parser, with two refusals it lacks.
+
+    MAX_BODY counts a chunked body's payload, not its framing (Waitress counts the bytes on the
+    wire: 65,536 bytes sent chunked were 413, with Content-Length 201). Content-Length beside
+    Transfer-Encoding: chunked is refused 400 and the connection closed (RFC 9112 section 6.3).
+    """
+
+    def parse_header(self, header_plus):
+        super().parse_header(header_plus)
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            raise ParsingError("Content-Length and Transfer-Encoding: chunked in one request")
+
+    def received(self, data):
+        consumed = super().received(data)
+        if self.error is None and (
+            self.content_length > MAX_BODY or (self.chunked and len(self.body_rcv) > MAX_BODY)
+        ):
+            self.error = RequestEntityTooLarge(f"exceeds {MAX_BODY} bytes")
+            self.completed = True
+        return consumed
 
 
 class Task(WSGITask):
@@ -1705,10 +1887,35 @@ class Task(WSGITask):
 
 
 class Channel(waitress.channel.HTTPChannel):
-    """Waitress's HTTP connection, with the two task classes above."""
+    """Waitress's HTTP connection, with the classes above and a bounded wait for slow readers."""
 
     task_class = Task
     error_task_class = ProblemTask
+    parser_class = RequestParser
+    partial, partial_since = None, 0.0  # the incomplete request the sweep last saw, and since when
+
+    def _flush_outbufs_below_high_watermark(self):
+        """Wait SEND_WAIT at most for the client to take queued output, else drop the client.
+
+        Waitress (3.0.2) waits here without a limit while more than the high-water mark is
+        queued, so clients that pipeline requests and never read pinned every worker. Giving up
+        marks the connection gone: write_soon raises ClientDisconnected, service() queues no
+        further request, and the event loop's sweep closes the socket.
+        """
+        if self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+            return
+        deadline = time.monotonic() + SEND_WAIT
+        with self.outbuf_lock:
+            _, failed = self._flush_exception(self._flush_some, do_close=False)
+            while not failed and self.connected:
+                remaining = deadline - time.monotonic()
+                if self.total_outbufs_len <= self.adj.outbuf_high_watermark or remaining <= 0:
+                    break
+                self.server.pull_trigger()
+                self.outbuf_lock.wait(remaining)
+            if failed or self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                self.connected, self.will_close = False, True
+                self.server.pull_trigger()
 
     def writable(self):
         """Leave a response to the worker that is still writing it, instead of polling for it.
@@ -1772,6 +1979,38 @@ def busy(channels):
     return any(c.request or c.requests or c.total_outbufs_len for c in channels)
 
 
+def overdue(channel, now, cutoff):
+    """Tell whether a connection broke a bound and must close (cutoff: the drain's upload end).
+
+    A request being answered is left alone: its worker is bounded by DB_TIMEOUT and SEND_WAIT.
+    """
+    if channel.will_close:
+        return True  # a worker gave up on it, or Waitress marked it (a socket that cannot send)
+    if channel.requests:
+        return False
+    if channel.request is not None:  # a request still arriving
+        if channel.request is not channel.partial:
+            channel.partial, channel.partial_since = channel.request, now
+        return now - channel.partial_since > REQUEST_TIMEOUT or now > cutoff
+    if channel.total_outbufs_len:  # a finished answer the client does not take
+        return now - channel.last_activity > SEND_TIMEOUT
+    return now - channel.last_activity > IDLE_TIMEOUT
+
+
+def sweep(sockets, cutoff=math.inf):
+    """Close the connections past a bound, then the longest-quiet ones while near the limit."""
+    now = time.time()  # Waitress's last_activity is wall-clock time
+    channels = [d for d in sockets.values() if isinstance(d, Channel)]
+    closing = [c for c in channels if overdue(c, now, cutoff)]
+    excess = len(sockets) - len(closing) - (CONNECTION_LIMIT - EVICT_HEADROOM)
+    if excess > 0:  # near the limit: make room for EVICT_HEADROOM more at once
+        quiet = [c for c in set(channels).difference(closing) if not c.requests]
+        quiet.sort(key=lambda c: c.partial_since if c.request is not None else c.last_activity)
+        closing += quiet[: excess + EVICT_HEADROOM]
+    for channel in closing:
+        channel.handle_close()
+
+
 def accept_backlog(listener):
     """Take every connection the kernel has already accepted, so that none is reset at close."""
     for _ in range(listener.adj.connection_limit):
@@ -1803,10 +2042,12 @@ def serve(settings):
         port=settings.port,
         threads=settings.threads,
         ident="cars-api",
-        channel_timeout=30,
-        connection_limit=200,
+        channel_timeout=IDLE_TIMEOUT,  # the sweep closes idle connections on time; this too
+        connection_limit=CONNECTION_LIMIT,
+        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
         max_request_header_size=16 * 1024,
-        max_request_body_size=MAX_BODY + 1,  # Waitress refuses a body of this size or more
+        # RequestParser refuses a payload over MAX_BODY; this bounds a chunked body's framing
+        max_request_body_size=MAX_BODY + CHUNKED_FRAMING + 1,
         clear_untrusted_proxy_headers=False,  # kept for the access line's audit; never trusted
     )
     sockets = getattr(server, "map", None) or server._map  # several listeners, or one
@@ -1817,9 +2058,14 @@ def serve(settings):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda number, frame: signals.append(number))
     log.info("listening", extra={"fields": {"url": f"http://{settings.host}:{settings.port}"}})
+    crowded, next_sweep = CONNECTION_LIMIT - EVICT_HEADROOM, 0.0
     while not signals:
         wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
         dispatcher.answer_now()
+        now = time.monotonic()
+        if now >= next_sweep or len(sockets) > crowded:
+            sweep(sockets)
+            next_sweep = now + SWEEP_INTERVAL
     log.info("stopping: finishing accepted requests")
     draining.set()
     for listener in listeners:
@@ -1827,10 +2073,12 @@ def serve(settings):
         wasyncore.dispatcher.close(listener)
     now = time.monotonic()
     settle, deadline = now + SETTLE, now + SHUTDOWN_GRACE
+    uploads_end = time.time() + DRAIN_UPLOAD  # then a request still arriving is dropped
     channels = [d for d in sockets.values() if isinstance(d, Channel)]
     while len(signals) < 2 and now < deadline and (now < settle or busy(channels)):
         wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
         dispatcher.answer_now()
+        sweep(sockets, uploads_end)
         channels = [d for d in sockets.values() if isinstance(d, Channel)]
         now = time.monotonic()
     if len(signals) > 1:
@@ -1839,13 +2087,15 @@ def serve(settings):
         log.warning("shutdown grace ran out with requests in flight")
     dispatcher.shutdown(timeout=0 if len(signals) > 1 else THREAD_JOIN)
     wasyncore.close_all(sockets)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # one more while exiting changes nothing
+        signal.signal(signum, signal.SIG_IGN)
     log.info("stopped")
 
 
 def migrate_command(database):
     """Apply the pending migrations; return the exit code, after one line saying what happened."""
     try:
-        applied = database.create_schema(read_timeout=MIGRATION_READ_TIMEOUT)
+        applied = database.create_schema(MIGRATION_READ_TIMEOUT, MIGRATION_LOCK_WAIT)
         with closing(database.open(read_timeout=MIGRATION_READ_TIMEOUT)) as conn:
             version, oldest_code = database.schema_version(conn)
     except MigrationError as exc:
@@ -1856,6 +2106,10 @@ def migrate_command(database):
         log.error("migration failed", extra={"fields": {"error": str(exc)}})
         return 1
     fields = {"schema_version": version, "schema_needs_code": oldest_code, "applied": len(applied)}
+    if not supported(version, oldest_code):  # newer than this code: the server would refuse it
+        fields["code_version"] = SCHEMA_VERSION
+        log.error("schema not supported by this release", extra={"fields": fields})
+        return 1
     log.info("schema current", extra={"fields": fields})
     return 0
 

@@ -45,6 +45,12 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def scope(key, token=None):
+    """Return an Idempotency-Key as cars.py stores it for POST /cars by this caller."""
+    caller = token.encode() if token else cars.ANONYMOUS
+    return cars.scoped_key(key, caller, "POST /cars")
+
+
 def mysql_env(database):
     """Return the environment that points cars.py at the test MySQL server."""
     return {
@@ -128,6 +134,18 @@ def api_token(app):
     app.config["cars.settings"] = settings._replace(api_token=TOKEN)
     yield TOKEN
     app.config["cars.settings"] = settings
+
+
+@pytest.fixture
+def mysql_app(mysql_database):
+    """Point the one WSGI app at the real MySQL for one test; put the old store back after."""
+    saved = cars.app.config.get("cars.settings"), cars.app.config.get("cars.db")
+    cars.configure(cars.load_settings(mysql_env(mysql_database)))
+    database = cars.app.config["cars.db"]
+    database.execute("DELETE FROM cars")
+    yield webtest.TestApp(cars.app), database
+    database.discard()
+    cars.app.config["cars.settings"], cars.app.config["cars.db"] = saved
 
 
 class Server:

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+import cars
+
 GOLF = {"brand": "Volkswagen", "model": "Golf", "year": 2018}
 POLO = {"brand": "Volkswagen", "model": "Polo", "year": 2019}
 NEXT_YEAR = datetime.datetime.now(datetime.UTC).year + 1
@@ -506,3 +508,18 @@ def test_openapi_describes_every_route(testapp, app):
         (m.upper(), path) for path, ops in doc["paths"].items() for m in ops if m != "parameters"
     }
     assert routes == documented
+
+
+def test_openapi_attaches_the_bearer_scheme_to_every_write_and_to_no_read(testapp):
+    doc = testapp.get("/openapi.json", status=200).json
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert "security" not in doc  # no default: each operation says
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            if method.upper() in cars.WRITE_METHODS:
+                assert operation["security"] == [{"bearer": []}], (method, path)
+                assert {"401", "403"} <= set(operation["responses"]), (method, path)
+            else:
+                assert operation["security"] == [], (method, path)

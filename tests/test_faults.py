@@ -76,18 +76,6 @@ def wait_for_lock_wait(side):
     return None
 
 
-@pytest.fixture
-def mysql_app(mysql_database):
-    """Point the one WSGI app at the real MySQL for one test; put the old store back after."""
-    saved = cars.app.config.get("cars.settings"), cars.app.config.get("cars.db")
-    cars.configure(cars.load_settings(mysql_env(mysql_database)))
-    database = cars.app.config["cars.db"]
-    database.execute("DELETE FROM cars")
-    yield webtest.TestApp(cars.app), database
-    database.discard()
-    cars.app.config["cars.settings"], cars.app.config["cars.db"] = saved
-
-
 # -- Link lost at commit (simulated) ------------------------------------------------------------
 
 
@@ -313,8 +301,9 @@ def test_slow_body_upload_holds_no_row_lock(run_server, mysql_database):
     body = json.dumps({"year": 2001}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
         head = (
-            f"PATCH /cars/{car['id']} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"If-Match: {tag}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"PATCH /cars/{car['id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nIf-Match: {tag}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
         )
         slow.sendall(head.encode() + body[:5])  # the rest of the body is still on its way
         time.sleep(0.3)
@@ -348,3 +337,29 @@ def test_many_threads_creating_the_sqlite_schema_at_once_never_see_a_locked_data
         for thread in threads:
             thread.join(timeout=30)
     assert not failures, failures[:3]
+
+
+def test_a_new_sqlite_file_locked_by_another_process_while_it_switches_to_wal_is_not_a_503(
+    run_server, tmp_path
+):
+    # Another process (this one) holds the new file, still in rollback mode, when the server's
+    # first request switches it to WAL: the switch waits within DB_TIMEOUT instead of failing.
+    path = tmp_path / "shared.db"
+    server = run_server({"SQLITE_PATH": str(path)})
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    answers = []
+
+    def first_request():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/cars")
+        answers.append(conn.getresponse().status)
+        conn.close()
+
+    caller = threading.Thread(target=first_request)
+    caller.start()
+    time.sleep(0.5)
+    other.execute("ROLLBACK")
+    other.close()
+    caller.join(timeout=30)
+    assert answers == [200]

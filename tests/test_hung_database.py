@@ -106,3 +106,16 @@ def test_lock_wait_ends_before_the_socket_timeout_with_a_clean_503(run_server, m
     assert "Lock wait timeout exceeded" in log  # the server's answer, not a dead socket
     assert "Lost connection" not in log
     assert call(server.port, f"/cars/{car_id}", "PUT", car)[0] == 200
+
+
+def test_a_metadata_lock_costs_a_request_db_timeout_at_most(run_server, mysql_database):
+    server = run_server({**mysql_env(mysql_database), "DB_TIMEOUT": str(DB_TIMEOUT)})
+    assert call(server.port, "/ready")[0] == 200
+    holder = pymysql.connect(**MYSQL, database=mysql_database, autocommit=True)
+    with holder, holder.cursor() as cur:
+        cur.execute("LOCK TABLES cars WRITE")  # every other session waits on its metadata
+        results = concurrently(server.port, [("/cars/1",), ("/cars",)] * 4)
+        cur.execute("UNLOCK TABLES")
+    assert {status for status, _, _ in results} == {503}
+    assert max(seconds for _, _, seconds in results) <= BOUND + 0.75, results
+    assert call(server.port, "/cars")[0] == 200

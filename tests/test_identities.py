@@ -13,7 +13,7 @@ import uuid
 import pymysql
 import pytest
 from conftest import MYSQL, ROOT, mysql_env
-from test_migrations import command_env, log_lines
+from test_migrations import call, command_env, log_lines
 
 DENIED = {1044, 1045, 1142, 1227}  # access denied: to a database, login, a command, a privilege
 
@@ -209,3 +209,18 @@ def test_bootstrap_on_sqlite_is_a_usage_error(tmp_path):
     assert code == 2
     assert "MySQL" in lines[0]["message"]
     assert os.path.exists(tmp_path / "x.db") is False
+
+
+def test_an_app_identity_serves_a_current_schema_with_auto_migration_on(identities, run_server):
+    assert migrate_as(identities, "MIGRATION")[0] == 0
+    env = {
+        **mysql_env(identities.database),
+        "MYSQL_USER": identities.users["APP"],
+        "MYSQL_PASSWORD": identities.passwords["APP"],
+    }
+    server = run_server(env)  # a loopback MySQL: AUTO_MIGRATE is on by default
+    assert '"auto_migrate": true' in server.log()
+    assert call(server, "GET", "/ready")[0] == 200
+    status, _, car = call(server, "POST", "/cars", {"brand": "Fiat", "model": "Uno", "year": 1983})
+    assert status == 201
+    assert call(server, "GET", f"/cars/{car['id']}")[2] == car

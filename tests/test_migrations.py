@@ -271,3 +271,43 @@ def test_release_n_serves_an_expanded_schema_and_refuses_a_contracted_one(store,
     statuses = [e["status"] for e in log_lines(server.log()) if e.get("message") == "request"]
     assert 500 not in statuses
     assert store.versions()[-1] == (NEXT + 1, NEXT)  # the refusing server changed nothing
+
+
+def test_migrate_exits_1_on_a_schema_newer_than_this_code_supports(store):
+    assert migrate(store.env)[0] == 0
+    store.sql(EXPAND[store.kind])
+    store.record(NEXT, "expand: cars.colour", cars.SCHEMA_VERSION)
+    code, lines = migrate(store.env)
+    assert code == 0, lines  # an expanded schema is one this code still serves
+    store.record(NEXT + 1, "contract: code N+1 or newer only", NEXT)
+    code, lines = migrate(store.env)
+    assert code == 1, lines  # a release gate on the exit code stops here
+    (line,) = lines
+    assert (line["level"], line["message"]) == ("ERROR", "schema not supported by this release")
+    assert (line["schema_version"], line["schema_needs_code"]) == (NEXT + 1, NEXT)
+    assert line["code_version"] == cars.SCHEMA_VERSION
+
+
+def test_a_migration_lock_held_elsewhere_costs_a_request_db_timeout_not_a_minute(
+    run_server, mysql_database
+):
+    name = f"{mysql_database}_lock"
+    lock = f"cars-api:migrate:{name}"[:64]
+    holder = pymysql.connect(**MYSQL, autocommit=True)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (lock,))
+            assert cur.fetchone()[0] == 1
+        server = run_server({**mysql_env(name), "DB_TIMEOUT": "2"})
+        started = time.monotonic()
+        status, media, _ = call(server, "GET", "/cars")
+        took = time.monotonic() - started
+        assert (status, media) == (503, "application/problem+json")
+        assert took <= 2 + 1 + 0.75, f"the request waited {took:.1f} s for the migration lock"
+        with holder.cursor() as cur:
+            cur.execute("SELECT RELEASE_LOCK(%s)", (lock,))
+        assert call(server, "GET", "/cars")[0] == 200
+    finally:
+        with holder.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        holder.close()

@@ -14,7 +14,7 @@ import uuid
 
 import pymysql
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, mysql_env
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -187,3 +187,16 @@ def test_a_remote_mysql_is_allowed_unverified_on_request_or_with_a_ca(run_server
     server = run_server({"MYSQL_HOST": "203.0.113.7", **extra})
     assert server.proc.poll() is None
     assert ("not verified" in server.log()) == (way == "allowed_unverified")
+
+
+def test_a_ca_set_for_a_server_without_tls_is_a_503_not_a_500(run_server, mysql_database, tmp_path):
+    # The shared test MariaDB offers no TLS: PyMySQL fails the connection with error 2026.
+    _, ca = make_ca("cars-api unused CA")
+    (tmp_path / "ca.pem").write_bytes(pem(ca))
+    server = run_server({**mysql_env(mysql_database), "MYSQL_SSL_CA": str(tmp_path / "ca.pem")})
+    for path in ("/ready", "/cars"):
+        status, body = get(server, path)
+        assert (status, body["status"]) == (503, 503), body
+    logged = [json.loads(line) for line in server.log().splitlines()]
+    assert any("SSL" in entry.get("error", "") for entry in logged), logged[-3:]
+    assert not [entry for entry in logged if entry.get("status") == 500]
