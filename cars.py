@@ -3,6 +3,11 @@
 One file on purpose: a Bottle app served by Waitress, storing cars in MySQL through PyMySQL,
 or in an embedded SQLite file when MYSQL_HOST is unset. Run it with `make run` or
 `python cars.py`; every setting comes from the environment (see load_settings).
+
+Two parts, each under its own banners: the "Service plumbing" sections (configuration, logging,
+storage, requests and responses, serving) serve any resource; the "The cars resource" sections,
+one run in the middle, are the model, schema, queries, routes and OpenAPI document of the cars.
+To serve another resource, replace that run (docs/how-to/adapt-for-your-own-service.md).
 """
 
 import collections
@@ -38,31 +43,11 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import Error as WaitressError
 from waitress.utilities import RequestEntityTooLarge
 
-# -- Configuration -------------------------------------------------------------------------------
+# -- Service plumbing: configuration -------------------------------------------------------------
 
 MAX_BODY = 64 * 1024
-MAX_ID = 2**63 - 1
-FIRST_CAR_YEAR = 1886
-TEXT_MAX = 64  # code points of brand and model, before trimming
-# Text fields are trimmed of the Unicode White_Space characters (ECMA-262's \s knows them too)
-# and may not contain controls (C0, DEL, C1). Validator and OpenAPI share these. Lone surrogates
-# are refused too: they are not Unicode text, and JSON Schema strings are Unicode text.
-TRIMMED_RANGES = (
-    (0x09, 0x0D),
-    (0x20, 0x20),
-    (0xA0, 0xA0),
-    (0x1680, 0x1680),
-    (0x2000, 0x200A),
-    (0x2028, 0x2029),
-    (0x202F, 0x202F),
-    (0x205F, 0x205F),
-    (0x3000, 0x3000),
-    (0xFEFF, 0xFEFF),
-)
-FORBIDDEN_RANGES = ((0x00, 0x1F), (0x7F, 0x9F))
 # Visible ASCII but quote and backslash, bare or as the draft's structured-field string.
 IDEMPOTENCY_KEY = r'^(?:[!#-\[\]-~]{1,255}|"[!#-\[\]-~]{1,255}")$'
-FIELDS = ("brand", "model", "year")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JSON_TYPES = frozenset({"application/json"})
 PATCH_TYPES = frozenset({"application/json", "application/merge-patch+json"})
@@ -92,7 +77,6 @@ SEND_TIMEOUT = 10.0  # seconds a finished answer may go untaken (no byte sent) b
 DRAIN_UPLOAD = 2.0  # seconds a request half-sent at SIGTERM gets to arrive whole
 SWEEP_INTERVAL = 0.25  # seconds between sweeps of the connections
 CHUNKED_FRAMING = 7 * MAX_BODY  # bytes of chunk framing a chunked body may add to MAX_BODY
-
 log = logging.getLogger("cars")
 
 
@@ -208,7 +192,7 @@ def api_token(environ, name):
     return token
 
 
-# -- Logging -------------------------------------------------------------------------------------
+# -- Service plumbing: logging -------------------------------------------------------------------
 
 LOG_FLUSH_INTERVAL = 0.1  # seconds between batched writes: the most of the log a SIGKILL can lose
 LOG_PENDING_LIMIT = 1000  # queued lines at which the caller writes them itself (bounded memory)
@@ -390,56 +374,7 @@ def configure_logging(level):
     return handler
 
 
-# -- Storage -------------------------------------------------------------------------------------
-
-MYSQL_SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS cars (
-  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
-  brand VARCHAR(64) NOT NULL,
-  model VARCHAR(64) NOT NULL,
-  year SMALLINT NOT NULL,
-  version INT UNSIGNED NOT NULL DEFAULT 1,
-  INDEX cars_brand (brand),
-  INDEX cars_model (model),
-  INDEX cars_year (year)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
-""",
-    # Keys are visible ASCII without spaces, so ascii_bin's trailing-space padding never matters.
-    """
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-  idem_key VARCHAR(255) NOT NULL PRIMARY KEY,
-  fingerprint CHAR(64) NOT NULL,
-  car_id BIGINT UNSIGNED NOT NULL,
-  created_at BIGINT NOT NULL,
-  INDEX idempotency_keys_created (created_at)
-) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin
-""",
-)
-
-SQLITE_SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS cars (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  brand TEXT NOT NULL,
-  model TEXT NOT NULL,
-  year INTEGER NOT NULL,
-  version INTEGER NOT NULL DEFAULT 1
-)
-""",
-    "CREATE INDEX IF NOT EXISTS cars_brand ON cars (brand)",
-    "CREATE INDEX IF NOT EXISTS cars_model ON cars (model)",
-    "CREATE INDEX IF NOT EXISTS cars_year ON cars (year)",
-    """
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-  idem_key TEXT NOT NULL PRIMARY KEY,
-  fingerprint TEXT NOT NULL,
-  car_id INTEGER NOT NULL,
-  created_at INTEGER NOT NULL
-)
-""",
-    "CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)",
-)
+# -- Service plumbing: storage -------------------------------------------------------------------
 
 
 class Migration(NamedTuple):
@@ -452,17 +387,6 @@ class Migration(NamedTuple):
     oldest_code: int  # the oldest code (named by its SCHEMA_VERSION) that still works after it
 
 
-# Expand/contract: a migration that only adds (a nullable column, a table, an index) keeps
-# oldest_code, so the previous release still runs and can be rolled back to; one that removes
-# or renames what older code uses raises oldest_code, and ships a release after the code that
-# stopped using it. Statements are idempotent (IF NOT EXISTS) where the engine allows, because
-# MySQL commits each DDL statement: a migration that fails halfway is simply run again.
-MIGRATIONS = (
-    # Version 1 is the schema that earlier releases created at first use: on their databases
-    # it creates nothing and only records the version.
-    Migration(1, "cars and idempotency_keys", MYSQL_SCHEMA, SQLITE_SCHEMA, 1),
-)
-SCHEMA_VERSION = MIGRATIONS[-1].version  # the schema this code is written for: its code version
 SCHEMA_TABLE = {
     True: "CREATE TABLE IF NOT EXISTS schema_migrations (version INT UNSIGNED NOT NULL PRIMARY KEY,"
     " description VARCHAR(255) NOT NULL, oldest_code INT UNSIGNED NOT NULL,"
@@ -487,17 +411,11 @@ GRANTS = {
     "APP": "SELECT, INSERT, UPDATE, DELETE",
 }
 CLONE_SUFFIX = "_clone"  # the second user of an alternating-users password rotation
-
-
-SELECT_CAR = "SELECT id, brand, model, year, version FROM cars WHERE id = %s"
-SELECT_PAGE = "SELECT id, brand, model, year, version FROM cars WHERE id > %s"
-SELECT_CAR_FOR_UPDATE = SELECT_CAR + " FOR UPDATE"  # SQLite needs none: BEGIN IMMEDIATE locks
 SELECT_KEY = "SELECT fingerprint, car_id, created_at FROM idempotency_keys WHERE idem_key = %s"
 # MySQL's plain SELECT reads a snapshot: a key another process replaced since would look expired.
 # The locking read waits for that process and sees its row; SQLite's BEGIN IMMEDIATE serialises.
 SELECT_KEY_FOR_UPDATE = SELECT_KEY + " FOR UPDATE"
 DELETE_KEY = "DELETE FROM idempotency_keys WHERE idem_key = %s AND created_at = %s"
-SELECT_CAR_ID = "SELECT id FROM cars WHERE id = %s"
 INSERT_KEY = (
     "INSERT INTO idempotency_keys (idem_key, fingerprint, car_id, created_at)"
     " VALUES (%s, %s, %s, %s)"
@@ -511,7 +429,6 @@ DELETE_EXPIRED_KEYS = {
 KEY_LIFETIME = 24 * 3600  # seconds an Idempotency-Key is remembered
 KEY_CLEANUP_BATCH = 100  # expired keys each keyed POST deletes: bounded, and more than it adds
 ANONYMOUS = b"anonymous"  # the caller of a write when no API_TOKEN is set
-
 # MySQL error numbers by meaning. Anything not named here is a bug or a schema problem: 500.
 # The connection is unusable; 2026: TLS failed (MYSQL_SSL_CA set and a server without TLS).
 MYSQL_LINK_LOST = frozenset({2002, 2003, 2006, 2013, 2014, 2026, 2055})
@@ -1011,27 +928,6 @@ def query(sql, args=()):
     return db().execute(sql, args)
 
 
-def row_to_car(row):
-    """Turn an (id, brand, model, year, version) row into a car and its version."""
-    car_id, brand, model, year, version = row
-    return {"id": car_id, "brand": brand, "model": model, "year": year}, version
-
-
-def find_car(car_id, lock=False):
-    """Return (car, version) for an id, or raise 404."""
-    sql = SELECT_CAR_FOR_UPDATE if lock and db().mysql else SELECT_CAR
-    row = query(sql, (car_id,)).fetchone()
-    if row is None:
-        raise problem(404, f"No car with id {car_id}.")
-    return row_to_car(row)
-
-
-def insert_car(car):
-    """Insert a clean car and return its new id."""
-    sql = "INSERT INTO cars (brand, model, year) VALUES (%s, %s, %s)"
-    return query(sql, (car["brand"], car["model"], car["year"])).lastrowid
-
-
 def scoped_key(key, caller, operation):
     """Return the stored form of an Idempotency-Key: one per caller (credential) and operation.
 
@@ -1040,23 +936,6 @@ def scoped_key(key, caller, operation):
     scope = hashlib.sha256(caller)
     scope.update(f"\n{operation}\n{key}".encode())
     return scope.hexdigest()
-
-
-def create_once(key, fingerprint, car):
-    """Insert the car and its Idempotency-Key together, or return the id the key already made."""
-    now = int(time.time())
-    row = query(SELECT_KEY_FOR_UPDATE if db().mysql else SELECT_KEY, (key,)).fetchone()
-    if row is not None and row[2] > now - KEY_LIFETIME:
-        if row[0] != fingerprint:
-            raise problem(422, "This Idempotency-Key was already used with a different body.")
-        if query(SELECT_CAR_ID, (row[1],)).fetchone() is None:
-            raise problem(410, f"The car this Idempotency-Key created, /cars/{row[1]}, is gone.")
-        return row[1]
-    if row is not None and query(DELETE_KEY, (key, row[2])).rowcount != 1:  # expired
-        raise ConflictError("the expired key was replaced while this request read it")
-    car_id = insert_car(car)
-    query(INSERT_KEY, (key, fingerprint, car_id, now))
-    return car_id
 
 
 def forget_expired_keys():
@@ -1083,7 +962,7 @@ def claim_key(key):
             in_flight_keys.discard(key)
 
 
-# -- Validation and responses --------------------------------------------------------------------
+# -- Service plumbing: requests and responses ----------------------------------------------------
 
 
 def header(name, default=""):
@@ -1147,14 +1026,6 @@ def check_if_match(version):
         raise problem(412, f"If-Match does not match the current ETag {etag(version)}.")
 
 
-def parse_id(raw):
-    """Return the integer id in a URL, or raise 404 for anything else (one URL per car)."""
-    canonical = raw.isascii() and raw.isdigit() and not raw.startswith("0") and len(raw) <= 19
-    if not canonical or int(raw) > MAX_ID:
-        raise problem(404, f"No car with id {raw!r}.")
-    return int(raw)
-
-
 def read_body(types):
     """Return the raw body of a JSON request, or raise 413 or 415; parse_json reads it."""
     media, *params = request.content_type.split(";")
@@ -1198,119 +1069,6 @@ def reject_constant(name):
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not a JSON value")
 
-
-def char_class(ranges):
-    """Write code point ranges as the inside of a regex class, valid in Python and ECMA-262."""
-    return "".join(f"\\u{lo:04x}" + (f"-\\u{hi:04x}" if hi > lo else "") for lo, hi in ranges)
-
-
-TRIMMED = "".join(chr(c) for lo, hi in TRIMMED_RANGES for c in range(lo, hi + 1))
-FORBIDDEN = re.compile(f"[{char_class(FORBIDDEN_RANGES)}]")
-SURROGATE = re.compile(r"[\ud800-\udfff]")
-
-
-def text_pattern():
-    """Return the ECMA-262 pattern of a text field: what clean_text accepts, length aside.
-
-    No counted quantifiers: minLength/maxLength count code points, while a quantifier would
-    count UTF-16 units without the "u" flag. It means the same with and without that flag, and
-    in Python's and Rust's engines, so it names no surrogates.
-    """
-    trimmed, forbidden = char_class(TRIMMED_RANGES), char_class(FORBIDDEN_RANGES)
-    visible, inner = f"[^{trimmed}{forbidden}]", f"[^{forbidden}]"
-    return f"^[{trimmed}]*{visible}(?:{inner}*{visible})?[{trimmed}]*$"
-
-
-def clean_text(value):
-    """Return a text field trimmed, or an error message; text_pattern() says the same."""
-    if not isinstance(value, str):
-        return None, "must be a string"
-    if not 1 <= len(value) <= TEXT_MAX:
-        return None, f"must be 1 to {TEXT_MAX} characters"
-    value = value.strip(TRIMMED)
-    if not value:
-        return None, "must not be blank"
-    if FORBIDDEN.search(value):
-        return None, "must not contain control characters"
-    if not value.isascii() and SURROGATE.search(value):
-        return None, "must be Unicode text (no lone surrogates)"
-    return value, None
-
-
-def clean_year(value):
-    """Return a plausible model year, or an error message."""
-    last = datetime.datetime.now(datetime.UTC).year + 1
-    if not isinstance(value, int) or isinstance(value, bool):
-        return None, "must be an integer"
-    if not FIRST_CAR_YEAR <= value <= last:
-        return None, f"must be from {FIRST_CAR_YEAR} to {last}"
-    return value, None
-
-
-def validate(data, car_id=None, partial=False):
-    """Check a car body; return the clean fields or raise 422 naming each bad field."""
-    errors, clean = [], {}
-    for name in sorted(set(data) - {*FIELDS, "id"}):
-        errors.append({"field": name, "message": "is not a known field"})
-    if "id" in data and (car_id is None or data["id"] != car_id or isinstance(data["id"], bool)):
-        message = "must not be sent" if car_id is None else f"must equal the URL's id {car_id}"
-        errors.append({"field": "id", "message": message})
-    for name in FIELDS:
-        if name not in data:
-            if not partial:
-                errors.append({"field": name, "message": "is required"})
-            continue
-        value, message = (clean_year if name == "year" else clean_text)(data[name])
-        if message:
-            errors.append({"field": name, "message": message})
-        else:
-            clean[name] = value
-    if errors:
-        raise problem(422, "The car is not valid.", errors)
-    return clean
-
-
-def list_filters():
-    """Parse the query string of GET /cars into (limit, after, filters)."""
-    try:
-        params = request.query.decode()
-    except UnicodeError:
-        raise problem(400, "The query string is not valid UTF-8.") from None
-    allowed = {"limit", "after", *FIELDS}
-    errors = [
-        {"field": k, "message": "is not a known parameter"} for k in params if k not in allowed
-    ]
-    errors += [
-        {"field": k, "message": "is given more than once"}
-        for k in allowed
-        if len(params.getall(k)) > 1
-    ]
-    values = {k: params.get(k) for k in allowed if k in params}
-
-    def number(name, default, low, high):
-        raw = values.pop(name, None)
-        if raw is None:
-            return default
-        if raw.isascii() and raw.isdigit() and len(raw) <= 19 and low <= int(raw) <= high:
-            return int(raw)
-        errors.append({"field": name, "message": f"must be an integer from {low} to {high}"})
-        return default
-
-    limit = number("limit", 100, 1, 1000)
-    after = number("after", 0, 0, MAX_ID)
-    if "year" in values:
-        values["year"] = number("year", None, 0, 9999)
-    for name in ("brand", "model"):  # normalised exactly like stored values
-        if name in values:
-            values[name], message = clean_text(values[name])
-            if message:
-                errors.append({"field": name, "message": message})
-    if errors:
-        raise problem(400, "The query string is not valid.", errors)
-    return limit, after, values
-
-
-# -- Request hooks -------------------------------------------------------------------------------
 
 app = bottle.Bottle()
 app.uninstall("json")  # we serialise ourselves, so problem bodies keep their shape
@@ -1484,9 +1242,6 @@ def guard(callback):
 app.install(guard)
 
 
-# -- Routes --------------------------------------------------------------------------------------
-
-
 @app.get("/health")
 def health():
     """Answer liveness checks without touching the database."""
@@ -1498,6 +1253,260 @@ def ready():
     """Answer 200 only when the database does."""
     query("SELECT 1").fetchall()
     return send({"status": "ready"})
+
+
+# -- The cars resource: model and validation -----------------------------------------------------
+
+MAX_ID = 2**63 - 1
+FIRST_CAR_YEAR = 1886
+TEXT_MAX = 64  # code points of brand and model, before trimming
+# Text fields are trimmed of the Unicode White_Space characters (ECMA-262's \s knows them too)
+# and may not contain controls (C0, DEL, C1). Validator and OpenAPI share these. Lone surrogates
+# are refused too: they are not Unicode text, and JSON Schema strings are Unicode text.
+TRIMMED_RANGES = (
+    (0x09, 0x0D),
+    (0x20, 0x20),
+    (0xA0, 0xA0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200A),
+    (0x2028, 0x2029),
+    (0x202F, 0x202F),
+    (0x205F, 0x205F),
+    (0x3000, 0x3000),
+    (0xFEFF, 0xFEFF),
+)
+FORBIDDEN_RANGES = ((0x00, 0x1F), (0x7F, 0x9F))
+FIELDS = ("brand", "model", "year")
+
+
+def parse_id(raw):
+    """Return the integer id in a URL, or raise 404 for anything else (one URL per car)."""
+    canonical = raw.isascii() and raw.isdigit() and not raw.startswith("0") and len(raw) <= 19
+    if not canonical or int(raw) > MAX_ID:
+        raise problem(404, f"No car with id {raw!r}.")
+    return int(raw)
+
+
+def char_class(ranges):
+    """Write code point ranges as the inside of a regex class, valid in Python and ECMA-262."""
+    return "".join(f"\\u{lo:04x}" + (f"-\\u{hi:04x}" if hi > lo else "") for lo, hi in ranges)
+
+
+TRIMMED = "".join(chr(c) for lo, hi in TRIMMED_RANGES for c in range(lo, hi + 1))
+FORBIDDEN = re.compile(f"[{char_class(FORBIDDEN_RANGES)}]")
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def text_pattern():
+    """Return the ECMA-262 pattern of a text field: what clean_text accepts, length aside.
+
+    No counted quantifiers: minLength/maxLength count code points, while a quantifier would
+    count UTF-16 units without the "u" flag. It means the same with and without that flag, and
+    in Python's and Rust's engines, so it names no surrogates.
+    """
+    trimmed, forbidden = char_class(TRIMMED_RANGES), char_class(FORBIDDEN_RANGES)
+    visible, inner = f"[^{trimmed}{forbidden}]", f"[^{forbidden}]"
+    return f"^[{trimmed}]*{visible}(?:{inner}*{visible})?[{trimmed}]*$"
+
+
+def clean_text(value):
+    """Return a text field trimmed, or an error message; text_pattern() says the same."""
+    if not isinstance(value, str):
+        return None, "must be a string"
+    if not 1 <= len(value) <= TEXT_MAX:
+        return None, f"must be 1 to {TEXT_MAX} characters"
+    value = value.strip(TRIMMED)
+    if not value:
+        return None, "must not be blank"
+    if FORBIDDEN.search(value):
+        return None, "must not contain control characters"
+    if not value.isascii() and SURROGATE.search(value):
+        return None, "must be Unicode text (no lone surrogates)"
+    return value, None
+
+
+def clean_year(value):
+    """Return a plausible model year, or an error message."""
+    last = datetime.datetime.now(datetime.UTC).year + 1
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None, "must be an integer"
+    if not FIRST_CAR_YEAR <= value <= last:
+        return None, f"must be from {FIRST_CAR_YEAR} to {last}"
+    return value, None
+
+
+def validate(data, car_id=None, partial=False):
+    """Check a car body; return the clean fields or raise 422 naming each bad field."""
+    errors, clean = [], {}
+    for name in sorted(set(data) - {*FIELDS, "id"}):
+        errors.append({"field": name, "message": "is not a known field"})
+    if "id" in data and (car_id is None or data["id"] != car_id or isinstance(data["id"], bool)):
+        message = "must not be sent" if car_id is None else f"must equal the URL's id {car_id}"
+        errors.append({"field": "id", "message": message})
+    for name in FIELDS:
+        if name not in data:
+            if not partial:
+                errors.append({"field": name, "message": "is required"})
+            continue
+        value, message = (clean_year if name == "year" else clean_text)(data[name])
+        if message:
+            errors.append({"field": name, "message": message})
+        else:
+            clean[name] = value
+    if errors:
+        raise problem(422, "The car is not valid.", errors)
+    return clean
+
+
+def list_filters():
+    """Parse the query string of GET /cars into (limit, after, filters)."""
+    try:
+        params = request.query.decode()
+    except UnicodeError:
+        raise problem(400, "The query string is not valid UTF-8.") from None
+    allowed = {"limit", "after", *FIELDS}
+    errors = [
+        {"field": k, "message": "is not a known parameter"} for k in params if k not in allowed
+    ]
+    errors += [
+        {"field": k, "message": "is given more than once"}
+        for k in allowed
+        if len(params.getall(k)) > 1
+    ]
+    values = {k: params.get(k) for k in allowed if k in params}
+
+    def number(name, default, low, high):
+        raw = values.pop(name, None)
+        if raw is None:
+            return default
+        if raw.isascii() and raw.isdigit() and len(raw) <= 19 and low <= int(raw) <= high:
+            return int(raw)
+        errors.append({"field": name, "message": f"must be an integer from {low} to {high}"})
+        return default
+
+    limit = number("limit", 100, 1, 1000)
+    after = number("after", 0, 0, MAX_ID)
+    if "year" in values:
+        values["year"] = number("year", None, 0, 9999)
+    for name in ("brand", "model"):  # normalised exactly like stored values
+        if name in values:
+            values[name], message = clean_text(values[name])
+            if message:
+                errors.append({"field": name, "message": message})
+    if errors:
+        raise problem(400, "The query string is not valid.", errors)
+    return limit, after, values
+
+
+# -- The cars resource: schema and migrations ----------------------------------------------------
+
+MYSQL_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS cars (
+  id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+  brand VARCHAR(64) NOT NULL,
+  model VARCHAR(64) NOT NULL,
+  year SMALLINT NOT NULL,
+  version INT UNSIGNED NOT NULL DEFAULT 1,
+  INDEX cars_brand (brand),
+  INDEX cars_model (model),
+  INDEX cars_year (year)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin
+""",
+    # Keys are visible ASCII without spaces, so ascii_bin's trailing-space padding never matters.
+    """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  idem_key VARCHAR(255) NOT NULL PRIMARY KEY,
+  fingerprint CHAR(64) NOT NULL,
+  car_id BIGINT UNSIGNED NOT NULL,
+  created_at BIGINT NOT NULL,
+  INDEX idempotency_keys_created (created_at)
+) ENGINE=InnoDB DEFAULT CHARSET=ascii COLLATE=ascii_bin
+""",
+)
+SQLITE_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS cars (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  brand TEXT NOT NULL,
+  model TEXT NOT NULL,
+  year INTEGER NOT NULL,
+  version INTEGER NOT NULL DEFAULT 1
+)
+""",
+    "CREATE INDEX IF NOT EXISTS cars_brand ON cars (brand)",
+    "CREATE INDEX IF NOT EXISTS cars_model ON cars (model)",
+    "CREATE INDEX IF NOT EXISTS cars_year ON cars (year)",
+    """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  idem_key TEXT NOT NULL PRIMARY KEY,
+  fingerprint TEXT NOT NULL,
+  car_id INTEGER NOT NULL,
+  created_at INTEGER NOT NULL
+)
+""",
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)",
+)
+# Expand/contract: a migration that only adds (a nullable column, a table, an index) keeps
+# oldest_code, so the previous release still runs and can be rolled back to; one that removes
+# or renames what older code uses raises oldest_code, and ships a release after the code that
+# stopped using it. Statements are idempotent (IF NOT EXISTS) where the engine allows, because
+# MySQL commits each DDL statement: a migration that fails halfway is simply run again.
+MIGRATIONS = (
+    # Version 1 is the schema that earlier releases created at first use: on their databases
+    # it creates nothing and only records the version.
+    Migration(1, "cars and idempotency_keys", MYSQL_SCHEMA, SQLITE_SCHEMA, 1),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version  # the schema this code is written for: its code version
+
+
+# -- The cars resource: queries ------------------------------------------------------------------
+
+SELECT_CAR = "SELECT id, brand, model, year, version FROM cars WHERE id = %s"
+SELECT_PAGE = "SELECT id, brand, model, year, version FROM cars WHERE id > %s"
+SELECT_CAR_FOR_UPDATE = SELECT_CAR + " FOR UPDATE"  # SQLite needs none: BEGIN IMMEDIATE locks
+SELECT_CAR_ID = "SELECT id FROM cars WHERE id = %s"
+
+
+def row_to_car(row):
+    """Turn an (id, brand, model, year, version) row into a car and its version."""
+    car_id, brand, model, year, version = row
+    return {"id": car_id, "brand": brand, "model": model, "year": year}, version
+
+
+def find_car(car_id, lock=False):
+    """Return (car, version) for an id, or raise 404."""
+    sql = SELECT_CAR_FOR_UPDATE if lock and db().mysql else SELECT_CAR
+    row = query(sql, (car_id,)).fetchone()
+    if row is None:
+        raise problem(404, f"No car with id {car_id}.")
+    return row_to_car(row)
+
+
+def insert_car(car):
+    """Insert a clean car and return its new id."""
+    sql = "INSERT INTO cars (brand, model, year) VALUES (%s, %s, %s)"
+    return query(sql, (car["brand"], car["model"], car["year"])).lastrowid
+
+
+def create_once(key, fingerprint, car):
+    """Insert the car and its Idempotency-Key together, or return the id the key already made."""
+    now = int(time.time())
+    row = query(SELECT_KEY_FOR_UPDATE if db().mysql else SELECT_KEY, (key,)).fetchone()
+    if row is not None and row[2] > now - KEY_LIFETIME:
+        if row[0] != fingerprint:
+            raise problem(422, "This Idempotency-Key was already used with a different body.")
+        if query(SELECT_CAR_ID, (row[1],)).fetchone() is None:
+            raise problem(410, f"The car this Idempotency-Key created, /cars/{row[1]}, is gone.")
+        return row[1]
+    if row is not None and query(DELETE_KEY, (key, row[2])).rowcount != 1:  # expired
+        raise ConflictError("the expired key was replaced while this request read it")
+    car_id = insert_car(car)
+    query(INSERT_KEY, (key, fingerprint, car_id, now))
+    return car_id
+
+
+# -- The cars resource: routes -------------------------------------------------------------------
 
 
 @app.get("/cars")
@@ -1583,6 +1592,9 @@ def delete_car(raw_id):
     db().atomically(work)
     response.status = 204
     return ""
+
+
+# -- The cars resource: OpenAPI document ---------------------------------------------------------
 
 
 @app.get("/openapi.json")
@@ -1802,7 +1814,7 @@ def openapi():
     }
 
 
-# -- Serving -------------------------------------------------------------------------------------
+# -- Service plumbing: serving -------------------------------------------------------------------
 
 
 def configure(settings):
