@@ -1489,10 +1489,13 @@ def insert_car(car):
     return query(sql, (car["brand"], car["model"], car["year"])).lastrowid
 
 
-def create_once(key, fingerprint, car):
+def create_once(key, fingerprint, car, bare_key):
     """Insert the car and its Idempotency-Key together, or return the id the key already made."""
     now = int(time.time())
     row = query(SELECT_KEY_FOR_UPDATE if db().mysql else SELECT_KEY, (key,)).fetchone()
+    if row is None:  # a retry across the upgrade: releases before scoped keys stored bare ones
+        bare = query(SELECT_KEY, (bare_key,)).fetchone()
+        row = bare if bare is not None and bare[2] > now - KEY_LIFETIME else None
     if row is not None and row[2] > now - KEY_LIFETIME:
         if row[0] != fingerprint:
             raise problem(422, "This Idempotency-Key was already used with a different body.")
@@ -1533,11 +1536,11 @@ def create_car():
         car_id = db().atomically(lambda: insert_car(car))
     else:
         fingerprint = hashlib.sha256(raw).hexdigest()
-        key = scoped_key(key, request.environ.get("cars.caller", ANONYMOUS), "POST /cars")
-        with claim_key(key):
+        scoped = scoped_key(key, request.environ.get("cars.caller", ANONYMOUS), "POST /cars")
+        with claim_key(scoped):
             forget_expired_keys()
             try:
-                car_id = db().atomically(lambda: create_once(key, fingerprint, car))
+                car_id = db().atomically(lambda: create_once(scoped, fingerprint, car, key))
             except ConflictError:  # another process stored the key first
                 raise problem(409, "A request with this Idempotency-Key is in progress.") from None
     return send({"id": car_id, **car}, 201, 1, Location=f"/cars/{car_id}")

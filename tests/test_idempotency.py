@@ -367,3 +367,25 @@ def test_two_processes_on_one_sqlite_file_make_one_car_per_key(run_server, tmp_p
         assert len(got) == 2, (key, got)
         assert {status for status, _ in got} == {201}, (key, got)
         assert len({car_id for _, car_id in got}) == 1, (key, got)
+
+
+def test_a_key_stored_unscoped_by_the_previous_release_still_replays_after_the_upgrade(
+    testapp, db
+):
+    key = new_key()
+    made = db.execute(
+        "INSERT INTO cars (brand, model, year) VALUES (%s, %s, %s)", tuple(GOLF.values())
+    ).lastrowid
+    body = json.dumps(GOLF).encode()
+    # What the release before scoped keys stored: the bare key, the body's hash, the car.
+    db.execute(
+        cars.INSERT_KEY,
+        (key, cars.hashlib.sha256(body).hexdigest(), made, int(time.time()) - 60),
+    )
+    headers = {"Idempotency-Key": key, "Content-Type": "application/json"}
+    again = testapp.post("/cars", body, headers=headers, status=201)
+    assert again.json == {"id": made, **GOLF}
+    assert cars_count(db) == 1
+    other = testapp.post("/cars", json.dumps(POLO).encode(), headers=headers, status=422)
+    assert other.content_type == "application/problem+json"
+    assert cars_count(db) == 1
