@@ -31,11 +31,18 @@ DEPLOY_FREEZE ?=
 UPGRADE ?=
 FILTER ?=
 SINCE ?=
+ALLOW_REPLACE ?=
+BOOTSTRAP_SHA ?=
+GITHUB_ENVIRONMENT ?= production
+TASK ?=
+STREAM_PREFIX ?=
+REVOKE_PREVIOUS ?=
 
 # The scripts read their settings from the environment, never from their arguments.
-export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK DATA_STACK SERVICE_STACK CI_STACK
-export GITHUB_REPOSITORY LOG_RETENTION_DAYS
+export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION STACK_PREFIX BASE_STACK DATA_STACK
+export SERVICE_STACK CI_STACK GITHUB_REPOSITORY GITHUB_ENVIRONMENT LOG_RETENTION_DAYS
 export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE UPGRADE SINCE
+export ALLOW_REPLACE BOOTSTRAP_SHA TASK STREAM_PREFIX REVOKE_PREVIOUS
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
@@ -149,6 +156,10 @@ down: ## Stop the compose services (the database volume is kept).
 
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 
+.PHONY: plan
+plan: ## Show what stack-deploy (and a release of SHA, if given) would add, modify or replace; change nothing.
+	PLAN=true scripts/stack-deploy.sh
+
 .PHONY: stack-deploy
 stack-deploy: ## Create or update the base, data (then CA bundle, bootstrap task) and CI access stacks.
 	scripts/stack-deploy.sh
@@ -185,7 +196,7 @@ status: ## Show the live image digest and commit, running/desired tasks, deploym
 # FILTER reaches the script as typed, through LOGS_FILTER ($(value) does not expand it), since
 # make would read the $. of '{ $.status >= 500 }' as a variable of its own.
 logs: export LOGS_FILTER = $(value FILTER)
-logs: ## Print recent log events, or those matching FILTER='{ $.status >= 500 }' in the last SINCE=1h.
+logs: ## Print recent log events, those matching FILTER='{ $.status >= 500 }' in SINCE=1h, or TASK=<id>'s.
 	FILTER="$${LOGS_FILTER}" scripts/logs.sh
 
 .PHONY: dashboard

@@ -431,6 +431,39 @@ def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
     assert "Wrote the RDS CA bundle" not in again.stdout
 
 
+def test_stack_deploy_first_creates_every_service_linked_role_the_stacks_need(
+    base_stack, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    roles = {role["RoleName"] for role in client("iam", moto_url).list_roles()["Roles"]}
+    for role in (
+        "AWSServiceRoleForECS",
+        "AWSServiceRoleForApplicationAutoScaling_ECSService",
+        "AWSServiceRoleForElasticLoadBalancing",
+        "AWSServiceRoleForRDS",
+    ):
+        assert role in roles
+    created = base_stack.stdout.index("Created the service-linked role of ecs.amazonaws.com")
+    assert created < base_stack.stdout.index("Deploying stack cars-api-base")
+
+
+def test_stack_deploy_goes_through_a_change_set_it_prints_and_leaves_none_behind(
+    base_stack, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    assert "cars-api-base: " in base_stack.stdout
+    assert "resource change(s) (new stack)" in base_stack.stdout
+    assert "  Add       Vpc (AWS::EC2::VPC)" in base_stack.stdout
+    cfn = client("cloudformation", moto_url)
+    for stack in ("cars-api-base", "cars-api-data", "cars-api-ci-access"):
+        pending = [
+            summary
+            for summary in cfn.list_change_sets(StackName=stack)["Summaries"]
+            if summary["ExecutionStatus"] == "AVAILABLE"
+        ]
+        assert pending == [], stack
+
+
 def resources(cfn, stack):
     return {
         r["LogicalResourceId"]: r["PhysicalResourceId"]
@@ -481,8 +514,10 @@ def test_stack_deploy_creates_the_data_stack_between_base_and_ci_access(
     # The service reads AWSPREVIOUS of the token: it exists from the start.
     stages = secrets.describe_secret(SecretId=base["ApiTokenSecret"])["VersionIdsToStages"]
     assert any({"AWSCURRENT", "AWSPREVIOUS"} <= set(labels) for labels in stages.values())
-    # No image yet: no bootstrap task, and it says what to do.
-    assert "no image in the repository yet, so no bootstrap task" in base_stack.stdout
+    # No release and no BOOTSTRAP_SHA: no bootstrap task (never "the newest image"), and it says
+    # what to do.
+    assert "no image chosen for the bootstrap task yet" in base_stack.stdout
+    assert "make stack-deploy BOOTSTRAP_SHA=<sha>" in base_stack.stdout
     assert "BootstrapTaskDefinition" not in data
     ci = cfn.describe_stacks(StackName="cars-api-ci-access")["Stacks"][0]
     ci_parameters = {p["ParameterKey"]: p["ParameterValue"] for p in ci["Parameters"]}

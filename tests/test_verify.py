@@ -257,8 +257,8 @@ def test_migration_that_exits_1_stops_the_deploy_and_leaves_the_service_alone(re
     result = replay(f"deploy SHA={NEW}", plan)
     assert result.returncode != 0
     assert last_error(result) == (
-        "error: the migration task exited 1 (Essential container in task exited); see make logs "
-        "(stream prefix migration): nothing else changed"
+        "error: the migration task exited 1 (Essential container in task exited); its log: make "
+        "logs TASK=5f0e3c1d2b4a49e8a7c6d5e4f3a2b1c0 STREAM_PREFIX=migrate; nothing else changed"
     )
     assert deploys(result) == []
     assert called(result, "ecs describe-services") == []
