@@ -385,15 +385,24 @@ deploy_release() {
     run_migration "$expected"
   fi
   say "Deploying $REPOSITORY_URI:$tag by digest $digest (stack $SERVICE_STACK, region $AWS_REGION)"
+  local prefix
+  prefix=$(prefix_parameter service.yaml)
   cfn_deploy --stack-name "$SERVICE_STACK" --template-file "$ROOT/cloudformation/service.yaml" \
     --capabilities CAPABILITY_IAM \
-    --parameter-overrides "BaseStackName=$BASE_STACK" "DataStackName=$DATA_STACK" \
-    "ImageTag=$tag@$digest" \
+    --parameter-overrides ${prefix:+"$prefix"} "BaseStackName=$BASE_STACK" \
+    "DataStackName=$DATA_STACK" "ImageTag=$tag@$digest" \
     || report_failed_deploy "$expected"
   load_service || die "stack $SERVICE_STACK has no ServiceName output after the deploy"
   wait_for_rollout "$expected"
   check_ready
   say "ok: $expected ($tag) is live at $SERVICE_URL"
+}
+
+# STACK_PREFIX names ECR repositories, buckets and RDS identifiers: lowercase, 20 characters.
+check_prefix() {
+  [[ "$STACK_PREFIX" =~ ^[a-z][a-z0-9]*(-[a-z0-9]+)*$ && ${#STACK_PREFIX} -le 20 ]] \
+    || usage_error "STACK_PREFIX '$STACK_PREFIX' must be lowercase letters and digits in words" \
+      "joined by single hyphens, starting with a letter, at most 20 characters (staging, cars-api)"
 }
 
 # "Prefix=$STACK_PREFIX" when template $1 (a file name in cloudformation/) declares Prefix.

@@ -28,8 +28,8 @@ when it changed), makes sure the API token has an AWSPREVIOUS version, and runs 
 (creates the database, the migration and app users, and their grants; idempotent) with the image
 BOOTSTRAP_SHA names once it passes the scan gate and (in GitHub Actions) the attestation check,
 else the digest the service runs now; never merely the newest image (no release and no
-BOOTSTRAP_SHA: it says so and skips). Once the database is available it turns its deletion
-protection on (data stack parameter DeletionProtection).
+BOOTSTRAP_SHA: it says so and skips). After a successful bootstrap of an available database it
+marks the data stack DatabaseReady=true: deletion protection on, rotation schedules created.
   GITHUB_REPOSITORY     repository whose ci.yml and rollback.yml (main, production environment)
                         may deploy; when omitted it is derived from `git remote get-url origin`
                         and must be confirmed at a terminal (refused without one)
@@ -128,7 +128,9 @@ base_parameters() {
   set_parameters CertificateArn=CERTIFICATE_ARN DomainName=DOMAIN_NAME \
     AllowPlaintextWrites=ALLOW_PLAINTEXT_WRITES WebApplicationFirewall=WAF \
     TaskSubnetType=TASK_SUBNET_TYPE EnhancedImageScanning=ENHANCED_SCANNING \
-    RepositoryName=REPOSITORY_NAME LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL
+    LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL
+  # Templates before Prefix named the repository by this parameter (now it is the prefix).
+  if template_declares base.yaml RepositoryName; then set_parameters RepositoryName=REPOSITORY_NAME; fi
 }
 
 # Name=Value pairs of the data stack: the physical ids of the base stack's resources it names,
@@ -137,7 +139,10 @@ base_parameters() {
 data_parameters() {
   local logical physical subnets=() endpoint=true
   echo "ServiceStackName=$SERVICE_STACK"
-  echo "DatabaseInstanceIdentifier=$(printf '%s' "$DATA_STACK" | tr '[:upper:]' '[:lower:]')"
+  # Templates before Prefix took the identifier (now <prefix>-data, the same value).
+  if template_declares data.yaml DatabaseInstanceIdentifier; then
+    echo "DatabaseInstanceIdentifier=$(printf '%s' "$DATA_STACK" | tr '[:upper:]' '[:lower:]')"
+  fi
   [[ "$(base_parameter TaskSubnetType)" != private ]] || endpoint=false
   echo "CreateSecretsManagerEndpoint=$endpoint"
   [[ -z "$TASK_IMAGE" ]] || echo "TaskImage=$TASK_IMAGE"
@@ -270,6 +275,7 @@ bootstrap() {
   load_base
   say "Running the bootstrap task (database, migration and app users, grants)"
   run_one_off "$taskdef" bootstrap
+  BOOTSTRAPPED=true
 }
 
 # Value of parameter $1 of the base stack as deployed.
@@ -281,8 +287,10 @@ base_parameter() {
 # Name=Value pairs of the CI access stack: who may release (repository $1, ids $2 and $3), and
 # the physical ids of the base stack's resources that the deploy role names.
 ci_parameters() {
-  local logical physical subnets=() public_ip=true prefix=Public role
+  local logical physical subnets=() public_ip=true prefix=Public role ci_logs=
   role=$(resource_id "$DATA_STACK" MigrationExecutionRole)
+  # Templates before the deploy role lost its log reads took the log group.
+  if template_declares ci-access.yaml LogGroupName; then ci_logs=true; fi
   echo "GitHubRepository=$1"
   echo "GitHubRepositoryId=$2"
   echo "GitHubOwnerId=$3"
@@ -303,7 +311,7 @@ ci_parameters() {
     case $logical in
       Repository) echo "RepositoryName=$physical" ;;
       Cluster) echo "ClusterName=${physical##*/}" ;;
-      LogGroup) echo "LogGroupName=$physical" ;;
+      LogGroup) [[ -z "$ci_logs" ]] || echo "LogGroupName=$physical" ;;
       AlarmTopic) echo "AlarmTopicArn=$physical" ;;
       ExecutionRole) echo "ExecutionRoleName=$physical" ;;
       TaskRole) echo "TaskRoleName=$physical" ;;
@@ -315,25 +323,24 @@ ci_parameters() {
   echo "TaskSubnets=${subnets[0]},${subnets[1]}"
 }
 
-# CreateGitHubOidcProvider: CREATE_OIDC_PROVIDER when set; else false when the account has the
-# GitHub OIDC provider and this CI stack did not make it (another prefix's stack did: an account
-# has one provider per URL, so the second environment reuses it).
+# CreateGitHubOidcProvider: CREATE_OIDC_PROVIDER when set; else false whenever the account has
+# the GitHub OIDC provider already (an account has one per URL: a second prefix reuses the first's,
+# and the provider outlives the stack that made it), true only when it has none.
 oidc_parameter() {
-  local mine arns arn
+  local arns arn
   if [[ -n "${CREATE_OIDC_PROVIDER:-}" ]]; then
     echo "CreateGitHubOidcProvider=$CREATE_OIDC_PROVIDER"
     return 0
   fi
-  mine=
-  [[ ! -s "$WORK/$CI_STACK.json" ]] || mine=$(resource_id "$CI_STACK" GitHubOidcProvider)
   arns=$(awsq iam list-open-id-connect-providers --output text \
     --query 'OpenIDConnectProviderList[].Arn')
   for arn in $arns; do
-    if [[ "$arn" == */token.actions.githubusercontent.com && "$arn" != "$mine" ]]; then
+    if [[ "$arn" == */token.actions.githubusercontent.com ]]; then
       echo "CreateGitHubOidcProvider=false"
       return 0
     fi
   done
+  echo "CreateGitHubOidcProvider=true"
 }
 
 # Deploys stack $1 from template $2 with the Name=Value overrides read from standard input (and
@@ -371,8 +378,11 @@ deploy_stack() {
   kind=$(tr '[:upper:]' '[:lower:]' <<<"$CHANGE_SET_TYPE")
   awsq cloudformation execute-change-set --stack-name "$1" --change-set-name "$name" \
     --output json >/dev/null
-  aws_ cloudformation wait "stack-$kind-complete" --stack-name "$1" 2>"$WORK/wait.err" \
-    || die "stack $1 was not deployed: $(stack_failure "$1")"
+  if ! aws_ cloudformation wait "stack-$kind-complete" --stack-name "$1" 2>"$WORK/wait.err"; then
+    [[ "$kind" == create ]] || die "stack $1 was not deployed: $(stack_failure "$1")"
+    die "stack $1 was not created: $(stack_failure "$1"). Fix the cause, then run make" \
+      "stack-deploy again: it deletes a failed first create when nothing stateful is left in it"
+  fi
   describe_stack "$1" "$WORK/$1.json" || die "stack $1 vanished after the deploy"
   say "Outputs of $1:"
   state outputs "$WORK/$1.json"
@@ -425,22 +435,28 @@ recover_failed_create() {
   rm -f "$WORK/$stack.json"
 }
 
-# Turns the database's deletion protection on (data stack parameter DeletionProtection) once the
-# database is available: from then on neither a mistaken delete nor a failed update removes it.
-protect_database() {
+# Marks the database ready (data stack parameter DatabaseReady=true: deletion protection on, the
+# rotation schedules created, which rotate at once) once the bootstrap task has made the users
+# and the database is available. Never set back to false: that would drop both.
+database_ready() {
   local id status
-  template_declares data.yaml DeletionProtection || return 0
-  [[ "$(state parameter "$WORK/$DATA_STACK.json" DeletionProtection)" != true ]] || return 0
+  template_declares data.yaml DatabaseReady || return 0
+  [[ "$(state parameter "$WORK/$DATA_STACK.json" DatabaseReady)" != true ]] || return 0
+  if [[ "$BOOTSTRAPPED" != true ]]; then
+    say "The database is not marked ready (no deletion protection, no rotation yet): that" \
+      "happens in the make stack-deploy whose bootstrap task succeeds"
+    return 0
+  fi
   id=$(resource_id "$DATA_STACK" Database)
-  [[ -n "$id" ]] || return 0
   status=$(awsq rds describe-db-instances --db-instance-identifier "$id" \
     --query 'DBInstances[0].DBInstanceStatus' --output text)
   if [[ "$status" != available ]]; then
-    say "The database $id is $status: its deletion protection goes on at the next make stack-deploy"
+    say "The database $id is $status: it is marked ready at the next make stack-deploy"
     return 0
   fi
-  say "The database $id is available: turning its deletion protection on"
-  echo "DeletionProtection=true" | deploy_stack "$DATA_STACK" data.yaml
+  say "The database $id is bootstrapped and available: deletion protection on, rotation" \
+    "schedules created (DatabaseReady=true); Secrets Manager rotates both identities now"
+  echo "DatabaseReady=true" | deploy_stack "$DATA_STACK" data.yaml
 }
 
 # Says loudly when the stack lets writes, and so the bearer token, cross the internet unencrypted.
@@ -526,7 +542,9 @@ plan() {
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
   local repo ids
+  BOOTSTRAPPED=false
   allow_replace >/dev/null
+  check_prefix
   if [[ "${PLAN:-}" == true ]]; then
     require_tools aws python3
     require_credentials
@@ -552,7 +570,7 @@ main() {
   refresh_ca_bundle
   ensure_previous_token
   bootstrap
-  protect_database
+  database_ready
   say "Deploying stack $CI_STACK in $AWS_REGION (deploy role trusts $repo: ci.yml and" \
     "rollback.yml on main, environment ${GITHUB_ENVIRONMENT:-production})"
   # shellcheck disable=SC2086 # ids is two numbers: split on purpose

@@ -20,6 +20,7 @@ import json
 import secrets
 import sys
 
+from moto.cloudformation import parsing
 from moto.cloudformation.models import CloudFormationBackend, Event
 from moto.core.common_models import CloudFormationModel
 from moto.rds.models import DBInstance, DBParameterGroup
@@ -96,10 +97,20 @@ class Secret(CloudFormationModel):
 _execute_change_set = CloudFormationBackend.execute_change_set
 
 
-def failed_resource(stack, template: dict) -> str:
-    """The logical id of the first resource of template the failed create did not make."""
-    made = set(stack.resource_map._parsed_resources)  # moto keeps no other record
-    return next((name for name in template.get("Resources", {}) if name not in made), "?")
+_parse_and_create_resource = parsing.parse_and_create_resource
+
+
+def parse_and_create_resource(logical_id, *args, **kwargs):
+    """moto's resource creation; a failure names the resource (AWS's CREATE_FAILED event does)."""
+    try:
+        return _parse_and_create_resource(logical_id, *args, **kwargs)
+    except Exception as failure:
+        if not hasattr(failure, "logical_id"):
+            failure.logical_id = logical_id
+        raise
+
+
+parsing.parse_and_create_resource = parse_and_create_resource
 
 
 def execute_change_set(backend, change_set_name, stack_name=None):
@@ -111,7 +122,7 @@ def execute_change_set(backend, change_set_name, stack_name=None):
         if change_set.change_set_type != "CREATE":
             raise
         stack = backend.stacks[change_set.stack_id]
-        logical = failed_resource(stack, change_set.template_dict)
+        logical = getattr(failure, "logical_id", "?")
         resource = change_set.template_dict["Resources"].get(logical, {})
         stack.events.append(
             Event(
@@ -129,6 +140,8 @@ def execute_change_set(backend, change_set_name, stack_name=None):
         # AWS would end ROLLBACK_FAILED if a delete failed; moto cannot tell, so it goes on.
         with contextlib.suppress(Exception):
             stack.resource_map.delete()
+        # moto makes a resource again when it is described: the rolled-back stack has none.
+        stack.resource_map._resource_json_map = {}
         stack._add_stack_event("ROLLBACK_COMPLETE")
         stack.status = "ROLLBACK_COMPLETE"
         change_set.execution_status = "EXECUTE_FAILED"

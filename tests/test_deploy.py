@@ -431,18 +431,16 @@ def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
     assert "Wrote the RDS CA bundle" not in again.stdout
 
 
-def test_stack_deploy_first_creates_every_service_linked_role_the_stacks_need(
-    base_stack, moto_url
-):
+def test_stack_deploy_first_creates_every_service_linked_role_the_stacks_need(base_stack, moto_url):
     assert base_stack.returncode == 0, base_stack.stderr
-    roles = {role["RoleName"] for role in client("iam", moto_url).list_roles()["Roles"]}
-    for role in (
-        "AWSServiceRoleForECS",
-        "AWSServiceRoleForApplicationAutoScaling_ECSService",
-        "AWSServiceRoleForElasticLoadBalancing",
-        "AWSServiceRoleForRDS",
-    ):
-        assert role in roles
+    roles = client("iam", moto_url).list_roles(PathPrefix="/aws-service-role/")["Roles"]
+    services = {role["Path"].split("/")[2] for role in roles}
+    assert services >= {
+        "ecs.amazonaws.com",
+        "ecs.application-autoscaling.amazonaws.com",
+        "elasticloadbalancing.amazonaws.com",
+        "rds.amazonaws.com",
+    }
     created = base_stack.stdout.index("Created the service-linked role of ecs.amazonaws.com")
     assert created < base_stack.stdout.index("Deploying stack cars-api-base")
 
@@ -462,6 +460,73 @@ def test_stack_deploy_goes_through_a_change_set_it_prints_and_leaves_none_behind
             if summary["ExecutionStatus"] == "AVAILABLE"
         ]
         assert pending == [], stack
+
+
+def test_a_first_create_that_fails_half_way_is_retried_by_the_same_command(aws_env, moto_url):
+    region = "us-west-2"
+    env = {**aws_env, "AWS_REGION": region}
+    ecr = client("ecr", moto_url, region=region)
+    cfn = client("cloudformation", moto_url, region=region)
+    # Something the base stack names exists already: its create fails after other resources.
+    ecr.create_repository(repositoryName="cars-api")
+    failed = make("stack-deploy", env, **GITHUB)
+    assert failed.returncode != 0
+    line = error_line(failed)
+    assert line.startswith(
+        "error: stack cars-api-base was not created: stack cars-api-base is "
+        "ROLLBACK_COMPLETE (Repository: "
+    )
+    assert "run make stack-deploy again" in line
+    stack = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
+    assert stack["StackStatus"] == "ROLLBACK_COMPLETE"
+    assert not stack_exists(cfn, "cars-api-data"), "it stopped at the failed stack"
+    ecr.delete_repository(repositoryName="cars-api")  # the fix
+    rerun = make("stack-deploy", env, **GITHUB)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "stack cars-api-base is ROLLBACK_COMPLETE from a failed first create" in rerun.stdout
+    assert "deleting it and creating it again" in rerun.stdout
+    for name in ("cars-api-base", "cars-api-data", "cars-api-ci-access"):
+        status = cfn.describe_stacks(StackName=name)["Stacks"][0]["StackStatus"]
+        assert status == "CREATE_COMPLETE", name
+
+
+def test_plan_of_a_new_account_lists_what_would_be_added_and_creates_nothing(aws_env, moto_url):
+    region = "ap-southeast-2"
+    result = make("plan", {**aws_env, "AWS_REGION": region})
+    assert result.returncode == 0, result.stderr
+    assert "Plan of stack cars-api-base:" in result.stdout
+    assert "resource change(s) (new stack)" in result.stdout
+    assert "  Add       Repository (AWS::ECR::Repository)" in result.stdout
+    assert "after cars-api-base exists" in result.stdout
+    assert "Nothing was changed" in result.stdout
+    cfn = client("cloudformation", moto_url, region=region)
+    live = [s for s in cfn.list_stacks()["StackSummaries"] if s["StackStatus"] != "DELETE_COMPLETE"]
+    assert live == []
+    assert client("ecr", moto_url, region=region).describe_repositories()["repositories"] == []
+
+
+def test_plan_of_deployed_stacks_changes_nothing(base_stack, aws_env, moto_url):
+    assert base_stack.returncode == 0, base_stack.stderr
+    cfn = client("cloudformation", moto_url)
+    before = {
+        name: cfn.describe_stacks(StackName=name)["Stacks"][0]
+        for name in ("cars-api-base", "cars-api-data", "cars-api-ci-access")
+    }
+    result = make("plan", aws_env, LOG_RETENTION_DAYS="90")
+    assert result.returncode == 0, result.stderr
+    for name in before:
+        assert f"Plan of stack {name}" in result.stdout
+    assert "cars-api-base: " in result.stdout
+    for name, stack in before.items():
+        after = cfn.describe_stacks(StackName=name)["Stacks"][0]
+        assert after.get("LastUpdatedTime") == stack.get("LastUpdatedTime"), name
+        assert after["Parameters"] == stack["Parameters"], name
+        pending = [
+            summary
+            for summary in cfn.list_change_sets(StackName=name)["Summaries"]
+            if summary["ExecutionStatus"] != "EXECUTE_COMPLETE"  # AWS drops those; moto keeps them
+        ]
+        assert pending == [], name
 
 
 def resources(cfn, stack):
