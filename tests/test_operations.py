@@ -873,3 +873,63 @@ def test_stack_delete_says_the_audit_bucket_survives(aws_env, moto_url):
     assert result.returncode == 0, result.stderr
     assert f"  - S3 bucket {bucket} with the load balancer and VPC flow logs" in result.stdout
     assert f"aws s3 rb s3://{bucket} --force --region {REGION}" in result.stdout
+
+
+MIGRATE_TASK = "5f0e3c1d2b4a49e8a7c6d5e4f3a2b1c0"
+BOOTSTRAP_TASK = "0c1b2a3f4e5d6c7b8a9f0e1d2c3b4a5f"
+
+
+@pytest.fixture(scope="module")
+def one_off_logs(stub, moto_url):
+    """The streams one-off tasks write: <awslogs-stream-prefix>/<container>/<task id>."""
+    logs = client("logs", moto_url)
+    now = int(time.time() * 1000)
+    for prefix, task, lines in (
+        ("migrate", MIGRATE_TASK, ["applying migration 7", "migration 7 failed: duplicate key"]),
+        ("bootstrap", BOOTSTRAP_TASK, ["bootstrap done"]),
+    ):
+        stream = f"{prefix}/cars-api/{task}"
+        logs.create_log_stream(logGroupName="/ecs/ops-stub", logStreamName=stream)
+        logs.put_log_events(
+            logGroupName="/ecs/ops-stub",
+            logStreamName=stream,
+            logEvents=[
+                {"timestamp": now - 100 + i, "message": json.dumps({"level": "INFO", "message": m})}
+                for i, m in enumerate(lines)
+            ],
+        )
+    return stub
+
+
+def test_logs_of_one_task_print_exactly_its_lines_oldest_first(one_off_logs):
+    result = make("logs", one_off_logs, TASK=MIGRATE_TASK, STREAM_PREFIX="migrate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("  ", 2)[2] for line in lines] == [
+        '{"level": "INFO", "message": "applying migration 7"}',
+        '{"level": "INFO", "message": "migration 7 failed: duplicate key"}',
+    ]
+    assert all(line.split("  ")[1] == MIGRATE_TASK[:8] for line in lines)
+    alone = make("logs", one_off_logs, TASK=BOOTSTRAP_TASK)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.strip().endswith('"bootstrap done"}')
+    assert "migration" not in alone.stdout
+
+
+def test_logs_of_a_task_under_another_prefix_or_without_a_stream_say_so(one_off_logs):
+    result = make("logs", one_off_logs, TASK=MIGRATE_TASK, STREAM_PREFIX="bootstrap")
+    assert result.returncode == 0, result.stderr
+    assert f"No log stream of task {MIGRATE_TASK} under prefix bootstrap" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        ({"TASK": "abc;ls"}, "TASK must be an ECS task id"),
+        ({"TASK": MIGRATE_TASK, "STREAM_PREFIX": "a b"}, "STREAM_PREFIX must be a log stream"),
+    ],
+)
+def test_logs_refuse_a_malformed_task_or_prefix_before_any_aws_call(aws_env, variables, words):
+    result = make("logs", {**aws_env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, **variables)
+    assert result.returncode == 2
+    assert words in result.stderr
