@@ -718,6 +718,63 @@ def task_outcome(tasks_doc, what: str) -> tuple[int, str]:
     return FAILED, f"the {what} task exited {code} ({reason})"
 
 
+def pending_since(describe_doc, versions_doc):
+    """The CreatedDate of the version that carries AWSPENDING but not AWSCURRENT, else None."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    pending = [v for v, labels in stages.items() if "AWSPENDING" in labels]
+    pending = [v for v in pending if "AWSCURRENT" not in stages[v]]
+    if not pending:
+        return None
+    created = {
+        item.get("VersionId"): item.get("CreatedDate")
+        for item in (versions_doc or {}).get("Versions") or []
+    }
+    return created.get(pending[0]) or ""
+
+
+def secret_line(describe_doc, versions_doc, now: float, stuck_minutes: int) -> tuple[bool, str]:
+    """(stuck?, one status line) of a secret: its rotation, last rotation and a pending version."""
+    doc = describe_doc or {}
+    name = doc.get("Name", "?")
+    if not doc.get("RotationEnabled"):
+        return (
+            False,
+            f"  {name}: no rotation schedule, last changed {when(doc.get('LastChangedDate'))}",
+        )
+    days = (doc.get("RotationRules") or {}).get("AutomaticallyAfterDays")
+    schedule = (doc.get("RotationRules") or {}).get("ScheduleExpression")
+    every = f"every {days} days" if days else (schedule or "on a schedule")
+    line = (
+        f"  {name}: rotates {every}, last {when(doc.get('LastRotatedDate'))}, "
+        f"next {when(doc.get('NextRotationDate'))}"
+    )
+    since = pending_since(doc, versions_doc)
+    if since is None:
+        return False, line + ", nothing pending"
+    age = (now - sort_key(since)) / 60 if since else float("inf")
+    function = (doc.get("RotationLambdaARN") or "").rsplit(":", 1)[-1]
+    if age < stuck_minutes:
+        return False, line + f", rotating now (AWSPENDING since {when(since)})"
+    log = f"; its function's log: /aws/lambda/{function}" if function else ""
+    return True, line + (
+        f", STUCK: AWSPENDING since {when(since)} ({int(age)} min) was never made current; the "
+        f"last rotation failed{log}; aws secretsmanager rotate-secret --secret-id {name} retries"
+    )
+
+
+def secrets_status(directory: Path, now: float, stuck_minutes: int) -> tuple[int, str]:
+    """The rotation state of each saved DescribeSecret (with its ListSecretVersionIds)."""
+    lines, stuck = ["secrets"], False
+    for path in sorted(directory.glob("*.describe.json")):
+        versions = load(path.with_name(path.name.replace(".describe.", ".versions.")))
+        is_stuck, line = secret_line(load(path), versions, now, stuck_minutes)
+        stuck |= is_stuck
+        lines.append(line)
+    if len(lines) == 1:
+        lines.append("  (none found in the stacks)")
+    return (FAILED if stuck else OK), "\n".join(lines)
+
+
 def log_hint(taskdef_doc, task_arn: str) -> str:
     """The command that prints exactly this task's log: its id and its stream prefix."""
     task_id = task_arn.rsplit("/", 1)[-1]
@@ -837,6 +894,7 @@ def main(argv: list[str]) -> int:
         "template-parameters": ["file"],
         "parameter": ["file", "key"],
         "log-hint": ["file", "task"],
+        "secrets": ["dir", "now", "stuck_minutes"],
         "change-set-input": ["file", "template", "pairs", "name", "stack"],
         "changes": ["dir", "stack", "allow_replace", "kind"],
         "failed-create": ["file", "resources", "name"],
@@ -911,6 +969,8 @@ def run(args, base: Path) -> tuple[int, str]:
             return OK, missing_previous(load(Path(args.file)))
         case "previous-version":
             return OK, previous_version(load(Path(args.file)))
+        case "secrets":
+            return secrets_status(base, float(args.now), int(args.stuck_minutes))
         case "log-hint":
             return OK, log_hint(load(Path(args.file)), args.task)
         case "parameter":

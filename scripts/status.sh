@@ -10,7 +10,10 @@ usage() {
 usage: make status [AWS_REGION=...] [BASE_STACK=...] [SERVICE_STACK=...]
 Shows what the service runs now: the image (repository@digest) of the primary deployment and its
 commit, running/desired tasks, the deployments ECS knows (with rollout state and reason), the
-latest service events, the URL and the CloudWatch dashboard's URL.
+latest service events, the URL and the CloudWatch dashboard's URL; then each secret of the base and
+data stacks: its rotation schedule, last and next rotation, and whether a rotation is stuck (an
+AWSPENDING version that never became AWSCURRENT, older than PENDING_STUCK_MINUTES, default 60:
+then make status exits 1).
 In GitHub Actions it also writes the job summary and the step output `url`.
 USAGE
 }
@@ -32,24 +35,50 @@ publish() {
   } >>"$GITHUB_STEP_SUMMARY"
 }
 
+# The rotation state of every secret of the base and data stacks (state secrets says it).
+secrets_status() {
+  local stack arn n=0 minutes=${PENDING_STUCK_MINUTES:-60}
+  mkdir -p "$WORK/secrets"
+  for stack in "$BASE_STACK" "$DATA_STACK"; do
+    describe_stack "$stack" "$WORK/secrets-stack.json" || continue
+    for arn in $(awsq cloudformation describe-stack-resources --stack-name "$stack" --output text \
+      --query "StackResources[?ResourceType=='AWS::SecretsManager::Secret'].PhysicalResourceId"); do
+      [[ "$arn" != None ]] || continue
+      n=$((n + 1))
+      awsq secretsmanager describe-secret --secret-id "$arn" --output json \
+        >"$WORK/secrets/$n.describe.json"
+      awsq secretsmanager list-secret-version-ids --secret-id "$arn" --include-deprecated \
+        --output json >"$WORK/secrets/$n.versions.json"
+    done
+  done
+  state secrets "$WORK/secrets" "$(date -u +%s)" "$minutes"
+}
+
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
+  [[ "${PENDING_STUCK_MINUTES:-60}" =~ ^[0-9]{1,5}$ ]] \
+    || usage_error "PENDING_STUCK_MINUTES must be a number of minutes"
   require_tools aws python3
   require_credentials
   load_base
+  local secrets rc=0
+  secrets=$(secrets_status) || rc=$?
   if ! load_service; then
     say "No release deployed yet: stack $SERVICE_STACK does not exist in $AWS_REGION."
     say "url          $SERVICE_URL"
     say "Deploy one with: make release SHA=<commit sha>"
-    return 0
+    say "$secrets"
+    return "$rc"
   fi
   snapshot_or_die
   local text
   text="stack        $SERVICE_STACK ($(state stack "$WORK/service-stack.json" "$SERVICE_STACK" || true))"
   text+=$'\n'$(state_or_die status "$WORK" "$SERVICE_URL")
+  text+=$'\n'"$secrets"
   text+=$'\n'"dashboard    $(dashboard_url "$SERVICE_STACK")"
   say "$text"
   publish "$text"
+  return "$rc"
 }
 
 main "$@"

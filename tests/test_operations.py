@@ -933,3 +933,65 @@ def test_logs_refuse_a_malformed_task_or_prefix_before_any_aws_call(aws_env, var
     result = make("logs", {**aws_env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, **variables)
     assert result.returncode == 2
     assert words in result.stderr
+
+
+SECRETS_STUB = {
+    "Resources": {
+        name: {"Type": "AWS::SecretsManager::Secret", "Properties": {"Name": f"ops-stub-{name}"}}
+        for name in ("app", "migration", "rdsca")
+    }
+}
+
+
+@pytest.fixture
+def rotating(stub, moto_url):
+    """A data stack stand-in: app and migration secrets rotate, a migration version is pending."""
+    cfn = client("cloudformation", moto_url)
+    if not any(s["StackName"] == "ops-stub-data" for s in cfn.list_stacks()["StackSummaries"]):
+        cfn.create_stack(StackName="ops-stub-data", TemplateBody=json.dumps(SECRETS_STUB))
+        secrets = client("secretsmanager", moto_url)
+        for name in ("app", "migration"):
+            secrets.rotate_secret(
+                SecretId=f"ops-stub-{name}", RotationRules={"AutomaticallyAfterDays": 30}
+            )
+        secrets.put_secret_value(
+            SecretId="ops-stub-migration", SecretString="half-rotated", VersionStages=["AWSPENDING"]
+        )
+    return {**stub, "DATA_STACK": "ops-stub-data"}
+
+
+def secret_lines(result):
+    lines = result.stdout.splitlines()
+    start = lines.index("secrets")
+    return {
+        line.split(":")[0].strip(): line for line in lines[start + 1 :] if line.startswith("  ")
+    }
+
+
+def test_status_shows_each_secrets_rotation_and_a_stuck_pending_version(rotating):
+    result = make("status", rotating, PENDING_STUCK_MINUTES="0")
+    assert result.returncode != 0, "a stuck rotation fails make status"
+    found = secret_lines(result)
+    assert re.search(
+        r"ops-stub-app: rotates every 30 days, last \d{4}-\d\d-\d\d \d\d:\d\d:\d\d, next .*, "
+        r"nothing pending$",
+        found["ops-stub-app"],
+    )
+    assert ", STUCK: AWSPENDING since " in found["ops-stub-migration"]
+    assert (
+        "aws secretsmanager rotate-secret --secret-id ops-stub-migration retries"
+        in (found["ops-stub-migration"])
+    )
+    assert "ops-stub-rdsca: no rotation schedule, last changed " in found["ops-stub-rdsca"]
+
+
+def test_status_calls_a_fresh_pending_version_a_rotation_in_progress(rotating):
+    result = make("status", rotating)  # PENDING_STUCK_MINUTES: 60
+    assert result.returncode == 0, result.stderr
+    assert ", rotating now (AWSPENDING since " in secret_lines(result)["ops-stub-migration"]
+
+
+def test_status_refuses_a_stuck_threshold_that_is_not_minutes(aws_env):
+    result = make("status", aws_env, PENDING_STUCK_MINUTES="1h")
+    assert result.returncode == 2
+    assert "PENDING_STUCK_MINUTES must be a number of minutes" in result.stderr
