@@ -204,8 +204,12 @@ dashboard: ## Print (and at a terminal open) the URL of the service's CloudWatch
 	scripts/dashboard.sh
 
 .PHONY: rotate-token
-rotate-token: ## Replace the API token (the old one stays accepted as previous) and roll the tasks.
+rotate-token: ## Replace the API token and roll the tasks; the old one stays valid until revoke-previous-token.
 	scripts/rotate-token.sh
+
+.PHONY: revoke-previous-token
+revoke-previous-token: ## End the old API token's grace period (run once clients switched; at once if it leaked).
+	TOKEN_ACTION=revoke-previous scripts/rotate-token.sh
 
 .PHONY: stack-delete
 stack-delete: ## Delete the stacks after confirmation; says what survives.

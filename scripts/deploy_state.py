@@ -732,15 +732,20 @@ def pending_since(describe_doc, versions_doc):
     return created.get(pending[0]) or ""
 
 
-def secret_line(describe_doc, versions_doc, now: float, stuck_minutes: int) -> tuple[bool, str]:
+def secret_line(
+    describe_doc, versions_doc, now: float, stuck_minutes: int, token: bool = False
+) -> tuple[bool, str]:
     """(stuck?, one status line) of a secret: its rotation, last rotation and a pending version."""
     doc = describe_doc or {}
     name = doc.get("Name", "?")
     if not doc.get("RotationEnabled"):
-        return (
-            False,
-            f"  {name}: no rotation schedule, last changed {when(doc.get('LastChangedDate'))}",
-        )
+        changed = when(doc.get("LastChangedDate"))
+        line = f"  {name}: no rotation schedule, last changed {changed}"
+        stages = doc.get("VersionIdsToStages") or {}
+        previous = [v for v, labels in stages.items() if "AWSPREVIOUS" in labels]
+        if token and previous and "AWSCURRENT" not in stages[previous[0]]:
+            line += ", its PREVIOUS value is still accepted (make revoke-previous-token ends that)"
+        return False, line
     days = (doc.get("RotationRules") or {}).get("AutomaticallyAfterDays")
     schedule = (doc.get("RotationRules") or {}).get("ScheduleExpression")
     every = f"every {days} days" if days else (schedule or "on a schedule")
@@ -767,7 +772,8 @@ def secrets_status(directory: Path, now: float, stuck_minutes: int) -> tuple[int
     lines, stuck = ["secrets"], False
     for path in sorted(directory.glob("*.describe.json")):
         versions = load(path.with_name(path.name.replace(".describe.", ".versions.")))
-        is_stuck, line = secret_line(load(path), versions, now, stuck_minutes)
+        token = path.name.endswith(".token.describe.json")
+        is_stuck, line = secret_line(load(path), versions, now, stuck_minutes, token)
         stuck |= is_stuck
         lines.append(line)
     if len(lines) == 1:
@@ -796,6 +802,15 @@ def missing_previous(describe_doc) -> str:
     if not current:
         raise StateError("the secret has no AWSCURRENT version")
     return current[0]
+
+
+def current_version(describe_doc) -> str:
+    """The version id that carries AWSCURRENT."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    for version, labels in stages.items():
+        if "AWSCURRENT" in labels:
+            return version
+    raise StateError("the secret has no AWSCURRENT version")
 
 
 def previous_version(describe_doc) -> str:
@@ -891,6 +906,7 @@ def main(argv: list[str]) -> int:
         "task-outcome": ["file", "what"],
         "missing-previous": ["file"],
         "previous-version": ["file"],
+        "current-version": ["file"],
         "template-parameters": ["file"],
         "parameter": ["file", "key"],
         "log-hint": ["file", "task"],
@@ -967,6 +983,8 @@ def run(args, base: Path) -> tuple[int, str]:
             return task_outcome(load(Path(args.file)), args.what)
         case "missing-previous":
             return OK, missing_previous(load(Path(args.file)))
+        case "current-version":
+            return OK, current_version(load(Path(args.file)))
         case "previous-version":
             return OK, previous_version(load(Path(args.file)))
         case "secrets":

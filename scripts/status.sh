@@ -37,19 +37,22 @@ publish() {
 
 # The rotation state of every secret of the base and data stacks (state secrets says it).
 secrets_status() {
-  local stack arn n=0 minutes=${PENDING_STUCK_MINUTES:-60}
+  local stack logical arn n=0 minutes=${PENDING_STUCK_MINUTES:-60}
   mkdir -p "$WORK/secrets"
   for stack in "$BASE_STACK" "$DATA_STACK"; do
     describe_stack "$stack" "$WORK/secrets-stack.json" || continue
-    for arn in $(awsq cloudformation describe-stack-resources --stack-name "$stack" --output text \
-      --query "StackResources[?ResourceType=='AWS::SecretsManager::Secret'].PhysicalResourceId"); do
-      [[ "$arn" != None ]] || continue
+    while read -r logical arn; do
+      [[ -n "$arn" && "$arn" != None ]] || continue
       n=$((n + 1))
+      # The API token's file is marked: only its previous value is a grace period to end.
+      [[ "$logical" != ApiTokenSecret ]] || n="$n.token"
       awsq secretsmanager describe-secret --secret-id "$arn" --output json \
         >"$WORK/secrets/$n.describe.json"
       awsq secretsmanager list-secret-version-ids --secret-id "$arn" --include-deprecated \
         --output json >"$WORK/secrets/$n.versions.json"
-    done
+      n=${n%.token}
+    done < <(awsq cloudformation describe-stack-resources --stack-name "$stack" --output text \
+      --query "StackResources[?ResourceType=='AWS::SecretsManager::Secret'].[LogicalResourceId,PhysicalResourceId]")
   done
   state secrets "$WORK/secrets" "$(date -u +%s)" "$minutes"
 }

@@ -857,3 +857,29 @@ def test_rotate_token_refuses_a_setting_that_is_not_true_or_false(stub):
     assert result.returncode == 2
     assert "ROLL_TASKS must be true or false, not 'yes'" in error_line(result)
     assert "usage: make rotate-token" in result.stderr
+
+
+def test_rotate_token_says_loudly_that_the_old_token_stays_valid_until_revoked(stub, moto_url):
+    result = make("rotate-token", stub)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: THE OLD TOKEN IS STILL ACCEPTED" in result.stderr
+    assert "make revoke-previous-token" in result.stderr
+    status = make("status", stub)
+    assert "its PREVIOUS value is still accepted (make revoke-previous-token ends that)" in (
+        status.stdout
+    )
+
+
+def test_revoke_previous_token_ends_the_grace_period_of_the_old_token(stub, moto_url):
+    assert make("rotate-token", stub).returncode == 0
+    current, previous = token_stages(moto_url, stub)
+    assert previous != current, "in its grace period"
+    result = make("revoke-previous-token", stub)
+    assert result.returncode == 0, result.stderr
+    assert "Revoked the previous token" in result.stdout
+    assert token_stages(moto_url, stub) == (current, current), "the old token is refused"
+    assert "still accepted" not in make("status", stub).stdout
+    again = make("revoke-previous-token", stub)
+    assert again.returncode == 0, again.stderr
+    assert "No previous token to revoke" in again.stdout
+    assert token_stages(moto_url, stub) == (current, current)
