@@ -291,17 +291,23 @@ verify_attestation() {
   local ref="$REPOSITORY_URI@$1"
   if [[ "${GITHUB_ACTIONS:-}" != true ]]; then
     say "WARNING: could not verify the build provenance attestation of $ref: only a GitHub" \
-      "Actions run checks it (gh attestation verify oci://$ref --repo <owner/name> does by hand)"
+      "Actions run checks it (gh attestation verify oci://$ref --repo <owner/name> --cert-identity" \
+      "https://github.com/<owner/name>/.github/workflows/ci.yml@refs/heads/main" \
+      "--deny-self-hosted-runners does by hand)"
     return 0
   fi
   [[ -n "${GITHUB_REPOSITORY:-}" ]] || die "GITHUB_REPOSITORY is not set: cannot verify $ref"
   require_tools gh "$CONTAINER"
   ecr_login
+  # The signing certificate must name ci.yml at refs/heads/main exactly (an attestation made by a
+  # pull request's or another branch's run names another ref) and a GitHub-hosted runner.
   gh attestation verify "oci://$ref" --repo "$GITHUB_REPOSITORY" \
-    --signer-workflow "$GITHUB_REPOSITORY/.github/workflows/ci.yml" >"$WORK/attest.out" 2>&1 \
+    --cert-identity "https://github.com/$GITHUB_REPOSITORY/.github/workflows/ci.yml@refs/heads/main" \
+    --deny-self-hosted-runners >"$WORK/attest.out" 2>&1 \
     || die "the build provenance attestation of $ref does not verify:" \
       "$(last_line "$WORK/attest.out"); nothing changed"
-  say "verified: $ref has a build provenance attestation signed by $GITHUB_REPOSITORY's ci.yml"
+  say "verified: $ref has a build provenance attestation signed by $GITHUB_REPOSITORY's ci.yml" \
+    "on main, on a GitHub-hosted runner"
 }
 
 # `aws cloudformation deploy` that treats "nothing to change" as success. The CLI does so itself

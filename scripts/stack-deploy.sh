@@ -53,7 +53,6 @@ Optional, passed only when set (otherwise the stack keeps its current value or t
   DB_INSTANCE_CLASS     e.g. db.t4g.small
   LOG_RETENTION_DAYS    e.g. 90
   ALARM_EMAIL           address subscribed to the alarms
-  REPOSITORY_NAME       ECR repository name (default cars-api)
   DB_SNAPSHOT           DB snapshot to restore when the data stack creates the database
   RDS_CA_BUNDLE         a local PEM file instead of the AWS-published regional RDS CA bundle
   BOOTSTRAP_SHA         image (commit sha in ECR) of the bootstrap and migration task definitions;

@@ -508,7 +508,8 @@ def test_a_deploy_in_github_actions_verifies_the_attestation_of_the_digest_first
     assert result.returncode == 0, result.stderr
     assert result.gh == [
         f"attestation verify oci://{REPOSITORY}@{NEW_DIGEST} --repo acme/cars-api "
-        "--signer-workflow acme/cars-api/.github/workflows/ci.yml"
+        "--cert-identity https://github.com/acme/cars-api/.github/workflows/ci.yml@refs/heads/main "
+        "--deny-self-hosted-runners"
     ]
     assert result.engine[0].startswith("login --username AWS --password-stdin 123456789012.dkr")
     assert "verified: " in result.stdout
