@@ -218,7 +218,7 @@ stack-delete: ## Delete the stacks after confirmation; says what survives.
 ##@ GitHub (uses the gh CLI and its login)
 
 .PHONY: github-setup
-github-setup: ## Set the OIDC subject claim and the production environment (REVIEWERS required).
+github-setup: ## Set the OIDC subject claim, the production environment and the ruleset protecting main (REVIEWERS).
 	@[[ -n "$${REVIEWERS:-}" ]] || { echo "error: REVIEWERS is required" >&2; \
 	  echo "usage: make github-setup REVIEWERS=<login>,team:<org>/<slug> [GITHUB_REPOSITORY=owner/name]" >&2; exit 2; }
 	$(PYTHON) scripts/github_settings.py setup
