@@ -128,8 +128,6 @@ base_parameters() {
     AllowPlaintextWrites=ALLOW_PLAINTEXT_WRITES WebApplicationFirewall=WAF \
     TaskSubnetType=TASK_SUBNET_TYPE EnhancedImageScanning=ENHANCED_SCANNING \
     LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL
-  # Templates before Prefix named the repository by this parameter (now it is the prefix).
-  if template_declares base.yaml RepositoryName; then set_parameters RepositoryName=REPOSITORY_NAME; fi
 }
 
 # Name=Value pairs of the data stack: the physical ids of the base stack's resources it names,
@@ -138,10 +136,6 @@ base_parameters() {
 data_parameters() {
   local logical physical subnets=() endpoint=true
   echo "ServiceStackName=$SERVICE_STACK"
-  # Templates before Prefix took the identifier (now <prefix>-data, the same value).
-  if template_declares data.yaml DatabaseInstanceIdentifier; then
-    echo "DatabaseInstanceIdentifier=$(printf '%s' "$DATA_STACK" | tr '[:upper:]' '[:lower:]')"
-  fi
   [[ "$(base_parameter TaskSubnetType)" != private ]] || endpoint=false
   echo "CreateSecretsManagerEndpoint=$endpoint"
   [[ -z "$TASK_IMAGE" ]] || echo "TaskImage=$TASK_IMAGE"
@@ -286,10 +280,8 @@ base_parameter() {
 # Name=Value pairs of the CI access stack: who may release (repository $1, ids $2 and $3), and
 # the physical ids of the base stack's resources that the deploy role names.
 ci_parameters() {
-  local logical physical subnets=() public_ip=true prefix=Public role ci_logs=
+  local logical physical subnets=() public_ip=true prefix=Public role
   role=$(resource_id "$DATA_STACK" MigrationExecutionRole)
-  # Templates before the deploy role lost its log reads took the log group.
-  if template_declares ci-access.yaml LogGroupName; then ci_logs=true; fi
   echo "GitHubRepository=$1"
   echo "GitHubRepositoryId=$2"
   echo "GitHubOwnerId=$3"
@@ -310,7 +302,6 @@ ci_parameters() {
     case $logical in
       Repository) echo "RepositoryName=$physical" ;;
       Cluster) echo "ClusterName=${physical##*/}" ;;
-      LogGroup) [[ -z "$ci_logs" ]] || echo "LogGroupName=$physical" ;;
       AlarmTopic) echo "AlarmTopicArn=$physical" ;;
       ExecutionRole) echo "ExecutionRoleName=$physical" ;;
       TaskRole) echo "TaskRoleName=$physical" ;;

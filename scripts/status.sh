@@ -35,24 +35,40 @@ publish() {
   } >>"$GITHUB_STEP_SUMMARY"
 }
 
+# What it says instead when these credentials may not read the secrets (the deploy role reads no
+# secret, not even its metadata, so CI's make status goes on); another failure stops it.
+unreadable() {
+  grep -q 'AccessDenied' "$WORK/aws.err" || die "cannot read the secrets: $(last_line "$WORK/aws.err")"
+  printf 'secrets\n  (not readable with these credentials: run make status as an operator)\n'
+}
+
 # The rotation state of every secret of the base and data stacks (state secrets says it).
 secrets_status() {
   local stack logical arn n=0 minutes=${PENDING_STUCK_MINUTES:-60}
   mkdir -p "$WORK/secrets"
   for stack in "$BASE_STACK" "$DATA_STACK"; do
     describe_stack "$stack" "$WORK/secrets-stack.json" || continue
+    if ! aws_ cloudformation describe-stack-resources --stack-name "$stack" --output text \
+      --query "StackResources[?ResourceType=='AWS::SecretsManager::Secret'].[LogicalResourceId,PhysicalResourceId]" \
+      >"$WORK/secrets-$n.txt" 2>"$WORK/aws.err"; then
+      unreadable
+      return 0
+    fi
     while read -r logical arn; do
       [[ -n "$arn" && "$arn" != None ]] || continue
       n=$((n + 1))
       # The API token's file is marked: only its previous value is a grace period to end.
       [[ "$logical" != ApiTokenSecret ]] || n="$n.token"
-      awsq secretsmanager describe-secret --secret-id "$arn" --output json \
-        >"$WORK/secrets/$n.describe.json"
-      awsq secretsmanager list-secret-version-ids --secret-id "$arn" --include-deprecated \
-        --output json >"$WORK/secrets/$n.versions.json"
+      if ! aws_ secretsmanager describe-secret --secret-id "$arn" --output json \
+        >"$WORK/secrets/$n.describe.json" 2>"$WORK/aws.err" \
+        || ! aws_ secretsmanager list-secret-version-ids --secret-id "$arn" --include-deprecated \
+          --output json >"$WORK/secrets/$n.versions.json" 2>>"$WORK/aws.err"; then
+        # The deploy role reads no secret, not even its metadata: CI's make status goes on.
+        unreadable
+        return 0
+      fi
       n=${n%.token}
-    done < <(awsq cloudformation describe-stack-resources --stack-name "$stack" --output text \
-      --query "StackResources[?ResourceType=='AWS::SecretsManager::Secret'].[LogicalResourceId,PhysicalResourceId]")
+    done <"$WORK/secrets-$n.txt"
   done
   state secrets "$WORK/secrets" "$(date -u +%s)" "$minutes"
 }

@@ -96,6 +96,12 @@ CFN_FAILED = {
     " of events leading up to the failure\naws cloudformation describe-stack-events"
     " --stack-name cars-api-service\n",
 }
+ACCESS_DENIED = {
+    "exit": 254,
+    "stderr": "\nAn error occurred (AccessDenied) when calling the DescribeStackResources"
+    " operation:"
+    " User: arn:aws:sts::123456789012:assumed-role/cars-api-deploy/ci is not authorized\n",
+}
 CFN_OK = {"stdout": "\nSuccessfully created/updated stack - cars-api-service\n"}
 
 
@@ -153,6 +159,8 @@ def base_plan(service_stack, services, deploy=None):
             recorded("tasks-migrate-exit-0.json"),
         ],
         "ecs stop-task": [{"stdout": "{}"}],
+        # make status in CI: the deploy role may read no secret, not even which there are.
+        "cloudformation describe-stack-resources cars-api-base": [ACCESS_DENIED],
     }
 
 
@@ -465,6 +473,9 @@ def test_status_shows_the_live_image_counts_deployments_and_url(replay, ready_se
     assert "tasks        1 running / 2 desired" in result.stdout
     assert "ECS deployment circuit breaker: tasks failed to start." in result.stdout
     assert f"url          http://127.0.0.1:{ready_server.server_port}" in result.stdout
+    assert "  (not readable with these credentials: run make status as an operator)" in (
+        result.stdout
+    ), "the deploy role reads no secret: CI's make status still succeeds"
 
 
 def test_status_in_github_actions_writes_the_job_summary_and_url(replay, ready_server, tmp_path):
