@@ -17,6 +17,10 @@ PYTHON_IMAGE ?=
 SHA ?=
 AWS_REGION ?= eu-west-1
 STACK_PREFIX ?= cars-api
+# An empty STACK_PREFIX (a GitHub environment without the variable) means the default prefix.
+ifeq ($(strip $(STACK_PREFIX)),)
+override STACK_PREFIX := cars-api
+endif
 BASE_STACK ?= $(STACK_PREFIX)-base
 DATA_STACK ?= $(STACK_PREFIX)-data
 SERVICE_STACK ?= $(STACK_PREFIX)-service
