@@ -413,14 +413,15 @@ check_prefix() {
 
 # "Prefix=$STACK_PREFIX" when template $1 (a file name in cloudformation/) declares Prefix.
 prefix_parameter() {
-  if state template-parameters "$ROOT/cloudformation/$1" | grep -qx Prefix; then
+  # grep without -q reads to the end: an early exit would break the pipe under pipefail.
+  if state template-parameters "$ROOT/cloudformation/$1" | grep -x Prefix >/dev/null; then
     echo "Prefix=$STACK_PREFIX"
   fi
 }
 
 # True when template $1 declares parameter $2.
 template_declares() {
-  state template-parameters "$ROOT/cloudformation/$1" | grep -qx "$2"
+  state template-parameters "$ROOT/cloudformation/$1" | grep -x "$2" >/dev/null
 }
 
 # Creates change set $3 of stack $1 from template $2 with the Name=Value pairs of file $4 (other

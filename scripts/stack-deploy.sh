@@ -339,7 +339,7 @@ oidc_parameter() {
 # does. A change set that replaces a stateful resource is refused unless ALLOW_REPLACE=true; with
 # PLAN=true the change set is only printed and deleted.
 deploy_stack() {
-  local name rc=0 text kind
+  local name rc=0 text kind why
   { prefix_parameter "$2"; cat; } >"$WORK/$1.pairs"
   if [[ -s "$WORK/$1.json" ]]; then
     state_or_die changed-parameters "$WORK/$1.json" "$WORK/$1.pairs" >"$WORK/$1.changed"
@@ -370,8 +370,10 @@ deploy_stack() {
     --output json >/dev/null
   if ! aws_ cloudformation wait "stack-$kind-complete" --stack-name "$1" 2>"$WORK/wait.err"; then
     [[ "$kind" == create ]] || die "stack $1 was not deployed: $(stack_failure "$1")"
-    die "stack $1 was not created: $(stack_failure "$1"). Fix the cause, then run make" \
-      "stack-deploy again: it deletes a failed first create when nothing stateful is left in it"
+    why=$(stack_failure "$1")
+    die "stack $1 was not created: ${why%%; delete it before the next deploy*}. Fix the cause," \
+      "then run make stack-deploy again: it deletes a failed first create when nothing" \
+      "stateful is left in it"
   fi
   describe_stack "$1" "$WORK/$1.json" || die "stack $1 vanished after the deploy"
   say "Outputs of $1:"

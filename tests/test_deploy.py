@@ -883,3 +883,69 @@ def test_revoke_previous_token_ends_the_grace_period_of_the_old_token(stub, moto
     assert again.returncode == 0, again.stderr
     assert "No previous token to revoke" in again.stdout
     assert token_stages(moto_url, stub) == (current, current)
+
+
+def physical_ids(cfn, stacks):
+    return {
+        r["PhysicalResourceId"]
+        for stack in stacks
+        for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]
+        if r.get("PhysicalResourceId")
+    }
+
+
+def test_a_staging_prefix_deploys_beside_the_default_sharing_no_named_resource(
+    base_stack, aws_env, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    iam = client("iam", moto_url)
+    if not iam.list_open_id_connect_providers()["OpenIDConnectProviderList"]:
+        # moto's CloudFormation makes no AWS::IAM::OIDCProvider: make the one the first stack
+        # made in AWS (it outlives its stack: DeletionPolicy RetainExceptOnCreate).
+        iam.create_open_id_connect_provider(
+            Url="https://token.actions.githubusercontent.com", ClientIDList=["sts.amazonaws.com"]
+        )
+    staging = make("stack-deploy", {**aws_env, "STACK_PREFIX": "staging"}, **GITHUB)
+    assert staging.returncode == 0, staging.stderr
+    cfn = client("cloudformation", moto_url)
+    default = ["cars-api-base", "cars-api-data", "cars-api-ci-access"]
+    second = ["staging-base", "staging-data", "staging-ci-access"]
+    for name in second:
+        stack = cfn.describe_stacks(StackName=name)["Stacks"][0]
+        assert stack["StackStatus"] == "CREATE_COMPLETE", name
+        parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+        assert parameters.get("Prefix", "staging") == "staging", name
+    assert physical_ids(cfn, default).isdisjoint(physical_ids(cfn, second))
+    ci = cfn.describe_stacks(StackName="staging-ci-access")["Stacks"][0]
+    ci_parameters = {p["ParameterKey"]: p["ParameterValue"] for p in ci["Parameters"]}
+    assert ci_parameters["CreateGitHubOidcProvider"] == "false", "the account's provider is reused"
+    assert len(iam.list_open_id_connect_providers()["OpenIDConnectProviderList"]) == 1
+
+
+def test_stack_deploy_never_bootstraps_with_the_newest_image_and_refuses_an_unscanned_one(
+    base_stack, aws_env, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    cfn = client("cloudformation", moto_url)
+    repository = resources(cfn, "cars-api-base")["Repository"]
+    client("ecr", moto_url).put_image(
+        repositoryName=repository,
+        imageManifest=image_manifest("sha256:" + "cd" * 32),
+        imageTag=SHA_A,
+    )
+    newest = make("stack-deploy", aws_env, **GITHUB)
+    assert newest.returncode == 0, newest.stderr
+    assert "no image chosen for the bootstrap task yet" in newest.stdout
+    data = cfn.describe_stacks(StackName="cars-api-data")["Stacks"][0]
+    assert {p["ParameterKey"]: p["ParameterValue"] for p in data["Parameters"]}["TaskImage"] == ""
+    chosen = make("stack-deploy", aws_env, BOOTSTRAP_SHA=SHA_A, **GITHUB)
+    assert chosen.returncode != 0
+    assert error_line(chosen).startswith(
+        f"error: BOOTSTRAP_SHA={SHA_A}: ECR has no scan of sha256:"
+    )
+    assert error_line(chosen).endswith(
+        "the bootstrap and migration tasks run only an image that passes the scan gate: nothing"
+        " was deployed"
+    )
+    after = cfn.describe_stacks(StackName="cars-api-data")["Stacks"][0]
+    assert after.get("LastUpdatedTime") == data.get("LastUpdatedTime")
