@@ -17,6 +17,10 @@ PYTHON_IMAGE ?=
 SHA ?=
 AWS_REGION ?= eu-west-1
 STACK_PREFIX ?= cars-api
+# An empty STACK_PREFIX (a GitHub environment without the variable) means the default prefix.
+ifeq ($(strip $(STACK_PREFIX)),)
+override STACK_PREFIX := cars-api
+endif
 BASE_STACK ?= $(STACK_PREFIX)-base
 DATA_STACK ?= $(STACK_PREFIX)-data
 SERVICE_STACK ?= $(STACK_PREFIX)-service
@@ -31,11 +35,18 @@ DEPLOY_FREEZE ?=
 UPGRADE ?=
 FILTER ?=
 SINCE ?=
+ALLOW_REPLACE ?=
+BOOTSTRAP_SHA ?=
+GITHUB_ENVIRONMENT ?= production
+TASK ?=
+STREAM_PREFIX ?=
+REVOKE_PREVIOUS ?=
 
 # The scripts read their settings from the environment, never from their arguments.
-export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION BASE_STACK DATA_STACK SERVICE_STACK CI_STACK
-export GITHUB_REPOSITORY LOG_RETENTION_DAYS
+export HOST PORT CONTAINER IMAGE PYTHON_IMAGE SHA AWS_REGION STACK_PREFIX BASE_STACK DATA_STACK
+export SERVICE_STACK CI_STACK GITHUB_REPOSITORY GITHUB_ENVIRONMENT LOG_RETENTION_DAYS
 export REVIEWERS IMAGE_ARCHIVE IMAGE_ID ALLOW_VULNERABLE DEPLOY_FREEZE UPGRADE SINCE
+export ALLOW_REPLACE BOOTSTRAP_SHA TASK STREAM_PREFIX REVOKE_PREVIOUS
 
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
@@ -163,6 +174,10 @@ compose-test: $(DEV) $(COMPOSE_TOOL) ## Prove make up, the curl walk-through, ma
 
 ##@ AWS (honours AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL)
 
+.PHONY: plan
+plan: ## Show what stack-deploy (and a release of SHA, if given) would add, modify or replace; change nothing.
+	PLAN=true scripts/stack-deploy.sh
+
 .PHONY: stack-deploy
 stack-deploy: ## Create or update the base, data (then CA bundle, bootstrap task) and CI access stacks.
 	scripts/stack-deploy.sh
@@ -199,7 +214,7 @@ status: ## Show the live image digest and commit, running/desired tasks, deploym
 # FILTER reaches the script as typed, through LOGS_FILTER ($(value) does not expand it), since
 # make would read the $. of '{ $.status >= 500 }' as a variable of its own.
 logs: export LOGS_FILTER = $(value FILTER)
-logs: ## Print recent log events, or those matching FILTER='{ $.status >= 500 }' in the last SINCE=1h.
+logs: ## Print recent log events, those matching FILTER='{ $.status >= 500 }' in SINCE=1h, or TASK=<id>'s.
 	FILTER="$${LOGS_FILTER}" scripts/logs.sh
 
 .PHONY: dashboard
@@ -207,8 +222,12 @@ dashboard: ## Print (and at a terminal open) the URL of the service's CloudWatch
 	scripts/dashboard.sh
 
 .PHONY: rotate-token
-rotate-token: ## Replace the API token (the old one stays accepted as previous) and roll the tasks.
+rotate-token: ## Replace the API token and roll the tasks; the old one stays valid until revoke-previous-token.
 	scripts/rotate-token.sh
+
+.PHONY: revoke-previous-token
+revoke-previous-token: ## End the old API token's grace period (run once clients switched; at once if it leaked).
+	TOKEN_ACTION=revoke-previous scripts/rotate-token.sh
 
 .PHONY: stack-delete
 stack-delete: ## Delete the stacks after confirmation; says what survives.
@@ -217,7 +236,7 @@ stack-delete: ## Delete the stacks after confirmation; says what survives.
 ##@ GitHub (uses the gh CLI and its login)
 
 .PHONY: github-setup
-github-setup: ## Set the OIDC subject claim and the production environment (REVIEWERS required).
+github-setup: ## Set the OIDC subject claim, the production environment and the ruleset protecting main (REVIEWERS).
 	@[[ -n "$${REVIEWERS:-}" ]] || { echo "error: REVIEWERS is required" >&2; \
 	  echo "usage: make github-setup REVIEWERS=<login>,team:<org>/<slug> [GITHUB_REPOSITORY=owner/name]" >&2; exit 2; }
 	$(PYTHON) scripts/github_settings.py setup

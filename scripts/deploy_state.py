@@ -10,6 +10,7 @@ Exit status: 0 = done/ok, 1 = failed (the line printed says what happened), 3 = 
 
 import argparse
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,12 +140,176 @@ def changed_parameters(doc, pairs: list[str]) -> list[str]:
     return [pair for pair in pairs if current.get(pair.partition("=")[0]) != pair.partition("=")[2]]
 
 
+def parameter(doc, key: str) -> str:
+    """The deployed value of parameter key ('' when the stack or the parameter is missing)."""
+    for item in (the_stack(doc) or {}).get("Parameters") or []:
+        if item.get("ParameterKey") == key:
+            return item.get("ParameterValue") or ""
+    return ""
+
+
 def outputs(doc) -> list[str]:
     items = (the_stack(doc) or {}).get("Outputs") or []
     if not items:
         return ["  (the stack reports no outputs)"]
     width = max(len(item["OutputKey"]) for item in items)
     return [f"  {item['OutputKey']:{width}}  {item['OutputValue']}" for item in items]
+
+
+# Change sets: what a deploy would add, modify or replace, and whether it may
+
+
+# Resources whose replacement loses data or its name: the database, a bucket, the image
+# repository, a secret. stack-deploy refuses to replace them unless ALLOW_REPLACE=true.
+STATEFUL = {
+    "AWS::RDS::DBInstance",
+    "AWS::RDS::DBCluster",
+    "AWS::S3::Bucket",
+    "AWS::ECR::Repository",
+    "AWS::SecretsManager::Secret",
+}
+NO_CHANGES = 5  # exit status of `changes` when the change set is empty
+EMPTY_REASONS = ("didn't contain changes", "No updates are to be performed")
+
+
+def template_parameters(text: str) -> list[str]:
+    """The names of the Parameters section of a CloudFormation YAML template (2-space indent)."""
+    names, inside = [], False
+    for line in text.splitlines():
+        if re.match(r"^\S", line):
+            inside = line.rstrip() == "Parameters:"
+            continue
+        found = re.match(r"^  ([A-Za-z0-9]+):\s*$", line)
+        if inside and found:
+            names.append(found.group(1))
+    return names
+
+
+def change_set_input(stack_doc, template: Path, pairs: list[str], name: str, stack: str) -> dict:
+    """CreateChangeSet input: CREATE for a new stack, else UPDATE keeping every unset parameter."""
+    current = the_stack(stack_doc)
+    created = current is not None and current.get("StackStatus") != "REVIEW_IN_PROGRESS"
+    text = template.read_text()
+    declared = template_parameters(text)
+    given = dict(pair.partition("=")[::2] for pair in pairs if pair)
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise StateError(f"{template.name} has no parameter {', '.join(unknown)}")
+    had = {p["ParameterKey"] for p in (current or {}).get("Parameters") or []} if created else set()
+    parameters = [{"ParameterKey": key, "ParameterValue": value} for key, value in given.items()]
+    parameters += [
+        {"ParameterKey": key, "UsePreviousValue": True}
+        for key in declared
+        if key in had and key not in given
+    ]
+    return {
+        "StackName": stack,
+        "ChangeSetName": name,
+        "ChangeSetType": "UPDATE" if created else "CREATE",
+        "TemplateBody": text,
+        "Parameters": parameters,
+        "Capabilities": ["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
+    }
+
+
+def change_lines(pages: list) -> tuple[list[str], list[str]]:
+    """(one line per resource change, the stateful replacements among them)."""
+    lines, replaced = [], []
+    for page in pages:
+        for change in (page or {}).get("Changes") or []:
+            item = change.get("ResourceChange") or {}
+            action = item.get("Action", "?")
+            kind = item.get("ResourceType", "?")
+            logical = item.get("LogicalResourceId", "?")
+            replacement = item.get("Replacement") or ""
+            if action == "Modify" and replacement in ("True", "Conditional"):
+                action = "Replace" if replacement == "True" else "Replace?"
+            line = f"  {action:9} {logical} ({kind})"
+            if item.get("PhysicalResourceId"):
+                line += f" {item['PhysicalResourceId']}"
+            causes = sorted(
+                {
+                    (d.get("Target") or {}).get("Name") or (d.get("Target") or {}).get("Attribute")
+                    for d in item.get("Details") or []
+                }
+                - {None}
+            )
+            if causes:
+                line += f"  [{', '.join(causes)}]"
+            if action.startswith("Replace") and kind in STATEFUL:
+                line += "  STATEFUL"
+                replaced.append(f"{logical} ({kind})")
+            lines.append(line)
+    return lines, replaced
+
+
+def changes(pages: list, stack: str, allow_replace: bool, kind: str) -> tuple[int, str]:
+    """The plan of a change set: its lines; refused when it replaces a stateful resource."""
+    first = pages[0] if pages else {}
+    status = first.get("Status", "")
+    reason = first.get("StatusReason") or ""
+    if status == "FAILED":
+        if any(words in reason for words in EMPTY_REASONS):
+            return NO_CHANGES, f"{stack}: no changes"
+        return FAILED, f"the change set of {stack} failed: {reason}"
+    lines, replaced = change_lines(pages)
+    new = " (new stack)" if kind == "CREATE" else ""
+    head = f"{stack}: {len(lines)} resource change(s){new}"
+    if not lines:  # a parameter value or an output changes, no resource does
+        lines = ["  (parameter values or outputs only)"]
+    text = "\n".join([head, *lines])
+    if replaced and not allow_replace:
+        return REFUSED, text + (
+            f"\nrefused: this would REPLACE {', '.join(replaced)} of {stack} (a new, empty one; "
+            "the data of the old one is lost or left behind): nothing was changed. Undo the "
+            "setting that forces it, or run again with ALLOW_REPLACE=true after a snapshot/backup"
+        )
+    return OK, text
+
+
+def failed_create(stack_doc, resources_doc, name: str) -> str:
+    """Whether a stack a first create left failed may be deleted and created again.
+
+    Returns the lines to say when it may (nothing stateful is left in it); fails with the exact
+    commands when a stateful resource still exists, which only a person may decide to delete.
+    """
+    stack = the_stack(stack_doc) or {}
+    status = stack.get("StackStatus", "")
+    left, kept = [], []
+    for item in (resources_doc or {}).get("StackResources") or []:
+        state = item.get("ResourceStatus", "")
+        physical = item.get("PhysicalResourceId") or ""
+        what = f"{item.get('LogicalResourceId')} ({item.get('ResourceType')}) {physical}".strip()
+        gone = state in ("DELETE_COMPLETE", "DELETE_SKIPPED") or not physical
+        if state == "DELETE_SKIPPED" and physical:
+            kept.append(what)
+        elif not gone and item.get("ResourceType") in STATEFUL:
+            left.append((item, what))
+    if left:
+        steps = [
+            "aws rds modify-db-instance --db-instance-identifier "
+            f"{item['PhysicalResourceId']} --no-deletion-protection --apply-immediately"
+            for item, _ in left
+            if item.get("ResourceType") == "AWS::RDS::DBInstance"
+        ]
+        steps.append(f"aws cloudformation delete-stack --stack-name {name}")
+        retain = " ".join(item["LogicalResourceId"] for item, _ in left)
+        raise StateError(
+            f"stack {name} is {status} from a failed first create and still holds "
+            f"{'; '.join(what for _, what in left)}: nothing was changed. To start over "
+            f"without it: {' && '.join(steps)}, then make stack-deploy again; to keep it, delete "
+            f"the stack with --retain-resources {retain} once it is DELETE_FAILED and import or "
+            "remove the resource by hand"
+        )
+    said = [
+        f"stack {name} is {status} from a failed first create; nothing of value is in it:"
+        " deleting it and creating it again"
+    ]
+    said += [
+        f"  kept by its DeletionPolicy (delete it if the create fails on its name): {what}"
+        for what in kept
+    ]
+    return "\n".join(said)
 
 
 # ECS
@@ -553,6 +718,81 @@ def task_outcome(tasks_doc, what: str) -> tuple[int, str]:
     return FAILED, f"the {what} task exited {code} ({reason})"
 
 
+def pending_since(describe_doc, versions_doc):
+    """The CreatedDate of the version that carries AWSPENDING but not AWSCURRENT, else None."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    pending = [v for v, labels in stages.items() if "AWSPENDING" in labels]
+    pending = [v for v in pending if "AWSCURRENT" not in stages[v]]
+    if not pending:
+        return None
+    created = {
+        item.get("VersionId"): item.get("CreatedDate")
+        for item in (versions_doc or {}).get("Versions") or []
+    }
+    return created.get(pending[0]) or ""
+
+
+def secret_line(
+    describe_doc, versions_doc, now: float, stuck_minutes: int, token: bool = False
+) -> tuple[bool, str]:
+    """(stuck?, one status line) of a secret: its rotation, last rotation and a pending version."""
+    doc = describe_doc or {}
+    name = doc.get("Name", "?")
+    if not doc.get("RotationEnabled"):
+        changed = when(doc.get("LastChangedDate"))
+        line = f"  {name}: no rotation schedule, last changed {changed}"
+        stages = doc.get("VersionIdsToStages") or {}
+        previous = [v for v, labels in stages.items() if "AWSPREVIOUS" in labels]
+        if token and previous and "AWSCURRENT" not in stages[previous[0]]:
+            line += ", its PREVIOUS value is still accepted (make revoke-previous-token ends that)"
+        return False, line
+    days = (doc.get("RotationRules") or {}).get("AutomaticallyAfterDays")
+    schedule = (doc.get("RotationRules") or {}).get("ScheduleExpression")
+    every = f"every {days} days" if days else (schedule or "on a schedule")
+    line = (
+        f"  {name}: rotates {every}, last {when(doc.get('LastRotatedDate'))}, "
+        f"next {when(doc.get('NextRotationDate'))}"
+    )
+    since = pending_since(doc, versions_doc)
+    if since is None:
+        return False, line + ", nothing pending"
+    age = (now - sort_key(since)) / 60 if since else float("inf")
+    function = (doc.get("RotationLambdaARN") or "").rsplit(":", 1)[-1]
+    if age < stuck_minutes:
+        return False, line + f", rotating now (AWSPENDING since {when(since)})"
+    log = f"; its function's log: /aws/lambda/{function}" if function else ""
+    return True, line + (
+        f", STUCK: AWSPENDING since {when(since)} ({int(age)} min) was never made current; the "
+        f"last rotation failed{log}; aws secretsmanager rotate-secret --secret-id {name} retries"
+    )
+
+
+def secrets_status(directory: Path, now: float, stuck_minutes: int) -> tuple[int, str]:
+    """The rotation state of each saved DescribeSecret (with its ListSecretVersionIds)."""
+    lines, stuck = ["secrets"], False
+    for path in sorted(directory.glob("*.describe.json")):
+        versions = load(path.with_name(path.name.replace(".describe.", ".versions.")))
+        token = path.name.endswith(".token.describe.json")
+        is_stuck, line = secret_line(load(path), versions, now, stuck_minutes, token)
+        stuck |= is_stuck
+        lines.append(line)
+    if len(lines) == 1:
+        lines.append("  (none found in the stacks)")
+    return (FAILED if stuck else OK), "\n".join(lines)
+
+
+def log_hint(taskdef_doc, task_arn: str) -> str:
+    """The command that prints exactly this task's log: its id and its stream prefix."""
+    task_id = task_arn.rsplit("/", 1)[-1]
+    containers = ((taskdef_doc or {}).get("taskDefinition") or {}).get("containerDefinitions") or []
+    hint = f"make logs TASK={task_id}"
+    for container in containers:
+        options = (container.get("logConfiguration") or {}).get("options") or {}
+        if options.get("awslogs-stream-prefix"):
+            return f"{hint} STREAM_PREFIX={options['awslogs-stream-prefix']}"
+    return hint
+
+
 def missing_previous(describe_doc) -> str:
     """The AWSCURRENT version id when no version carries AWSPREVIOUS yet, else ''."""
     stages = (describe_doc or {}).get("VersionIdsToStages") or {}
@@ -562,6 +802,15 @@ def missing_previous(describe_doc) -> str:
     if not current:
         raise StateError("the secret has no AWSCURRENT version")
     return current[0]
+
+
+def current_version(describe_doc) -> str:
+    """The version id that carries AWSCURRENT."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    for version, labels in stages.items():
+        if "AWSCURRENT" in labels:
+            return version
+    raise StateError("the secret has no AWSCURRENT version")
 
 
 def previous_version(describe_doc) -> str:
@@ -657,6 +906,14 @@ def main(argv: list[str]) -> int:
         "task-outcome": ["file", "what"],
         "missing-previous": ["file"],
         "previous-version": ["file"],
+        "current-version": ["file"],
+        "template-parameters": ["file"],
+        "parameter": ["file", "key"],
+        "log-hint": ["file", "task"],
+        "secrets": ["dir", "now", "stuck_minutes"],
+        "change-set-input": ["file", "template", "pairs", "name", "stack"],
+        "changes": ["dir", "stack", "allow_replace", "kind"],
+        "failed-create": ["file", "resources", "name"],
     }.items():
         command = sub.add_parser(name)
         for arg in args:
@@ -726,8 +983,29 @@ def run(args, base: Path) -> tuple[int, str]:
             return task_outcome(load(Path(args.file)), args.what)
         case "missing-previous":
             return OK, missing_previous(load(Path(args.file)))
+        case "current-version":
+            return OK, current_version(load(Path(args.file)))
         case "previous-version":
             return OK, previous_version(load(Path(args.file)))
+        case "secrets":
+            return secrets_status(base, float(args.now), int(args.stuck_minutes))
+        case "log-hint":
+            return OK, log_hint(load(Path(args.file)), args.task)
+        case "parameter":
+            return OK, parameter(load(Path(args.file)), args.key)
+        case "template-parameters":
+            return OK, "\n".join(template_parameters(Path(args.file).read_text()))
+        case "change-set-input":
+            pairs = Path(args.pairs).read_text().splitlines()
+            found = change_set_input(
+                load(Path(args.file)), Path(args.template), pairs, args.name, args.stack
+            )
+            return OK, json.dumps(found)
+        case "changes":
+            pages = [load(path) for path in sorted(base.glob(f"{args.stack}.changes.*.json"))]
+            return changes(pages, args.stack, args.allow_replace == "true", args.kind)
+        case "failed-create":
+            return OK, failed_create(load(Path(args.file)), load(Path(args.resources)), args.name)
     raise StateError(f"unknown command {args.command}")  # argparse already refuses these
 
 

@@ -6,8 +6,10 @@ numeric ids, the production environment, main and one of the two deploying workf
 shape and the environment's rules live in GitHub, not in this repository: this script keeps them as
 code through `gh api` (gh holds the login; standard library only).
 
-  setup  sets the subject claim keys and the production environment (main only, REVIEWERS, no
-         self-review, no admin bypass), writing only what differs, then reads everything back.
+  setup  sets the subject claim keys, the production environment (main only, REVIEWERS, no
+         self-review, no admin bypass) and the repository ruleset that protects main (no force
+         push, no deletion, changes through a reviewed pull request whose required status check
+         passed, no bypass), writing only what differs, then reads everything back.
   check  reads the same settings and prints one `drift:` line for each that differs.
 
 Settings come from the environment (make passes them):
@@ -29,6 +31,43 @@ CLAIM_KEYS = ["repository_owner_id", "repository_id", "environment", "ref", "job
 WORKFLOWS = ("ci.yml", "rollback.yml")
 BRANCH_POLICY = {"protected_branches": False, "custom_branch_policies": True}
 API_VERSION = "2022-11-28"
+# The ruleset that protects main: what the environment's "main only" rule and the deploy role's
+# refs/heads/main condition rely on (whoever can push to main can release).
+RULESET_NAME = "protect main"
+REQUIRED_CHECK = "lint, test and image test"  # the name of ci.yml's test job
+PULL_REQUEST = {
+    "required_approving_review_count": 1,
+    "dismiss_stale_reviews_on_push": True,
+    "require_code_owner_review": False,
+    "require_last_push_approval": True,
+    "required_review_thread_resolution": False,
+}
+RULES = [
+    {"type": "deletion"},
+    {"type": "non_fast_forward"},
+    {"type": "pull_request", "parameters": PULL_REQUEST},
+    {
+        "type": "required_status_checks",
+        "parameters": {
+            "strict_required_status_checks_policy": True,
+            "required_status_checks": [{"context": REQUIRED_CHECK}],
+        },
+    },
+]
+RULESET = {
+    "name": RULESET_NAME,
+    "target": "branch",
+    "enforcement": "active",
+    "bypass_actors": [],
+    "conditions": {"ref_name": {"include": [f"refs/heads/{BRANCH}"], "exclude": []}},
+    "rules": RULES,
+}
+RULE_WORDS = {
+    "deletion": f"{BRANCH} may be deleted",
+    "non_fast_forward": f"force pushes to {BRANCH} are allowed",
+    "pull_request": f"changes reach {BRANCH} without a reviewed pull request",
+    "required_status_checks": f"changes reach {BRANCH} without the check '{REQUIRED_CHECK}'",
+}
 ORIGIN_URL = ["git", "remote", "get-url", "origin"]
 MAX_REVIEWERS = 6  # GitHub's limit per environment
 REPOSITORY_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
@@ -39,8 +78,10 @@ usage: make github-setup REVIEWERS=<login>,team:<org>/<slug> [GITHUB_REPOSITORY=
        make github-check [GITHUB_REPOSITORY=owner/name]
 Sets (github-setup) or verifies (github-check), with the gh CLI, what the deploy role trusts:
 the OIDC subject claim keys repository_owner_id, repository_id, environment, ref, job_workflow_ref,
-and the production environment: deployments from main only, the REVIEWERS (1 to 6 logins or
-teams of the owner) as required reviewers, no self-review, no administrator bypass.
+the production environment: deployments from main only, the REVIEWERS (1 to 6 logins or teams
+of the owner) as required reviewers, no self-review, no administrator bypass; and the ruleset
+'protect main': no force push or deletion of main, a pull request with 1 approval (after the last
+push) and the check 'lint, test and image test' passed, on the branch as it is, no bypass.
   GITHUB_REPOSITORY  owner/name as GitHub spells it; when unset, the origin remote's repository
                      is used only after you type it back
 Needs gh logged in (gh auth login) as an administrator of the repository."""
@@ -201,6 +242,15 @@ def read_branch_rules(repo: str) -> list[dict]:
     return rules
 
 
+def read_ruleset(repo: str) -> dict | None:
+    """The repository's ruleset named RULESET_NAME, in full, or None when there is none."""
+    found = gh("GET", f"repos/{repo}/rulesets?includes_parents=false&per_page=100") or []
+    summary = next((item for item in found if item.get("name") == RULESET_NAME), None)
+    if summary is None:
+        return None
+    return gh("GET", f"repos/{repo}/rulesets/{summary['id']}")
+
+
 # What must hold
 
 
@@ -277,6 +327,37 @@ def rules_drift(rules: list[dict]) -> list[str]:
     return drift
 
 
+def ruleset_drift(ruleset: dict | None) -> list[str]:
+    """How the ruleset protecting main differs from RULESET, as drift lines."""
+    where = f"ruleset '{RULESET_NAME}'"
+    if ruleset is None:
+        return [f"{where} does not exist: anyone who can push may force-push or delete {BRANCH}"]
+    drift = []
+    if ruleset.get("enforcement") != "active":
+        drift.append(f"{where} is {ruleset.get('enforcement')} (want active)")
+    if ruleset.get("target") != "branch" or ruleset.get("conditions") != RULESET["conditions"]:
+        drift.append(f"{where} does not apply to exactly refs/heads/{BRANCH}")
+    if ruleset.get("bypass_actors"):
+        drift.append(f"{where}: someone may bypass it (want no bypass actors)")
+    found = {rule.get("type"): rule.get("parameters") or {} for rule in ruleset.get("rules") or []}
+    for rule in RULES:
+        have = found.get(rule["type"])
+        if have is None or comparable(have) != comparable(rule.get("parameters") or {}):
+            drift.append(f"{where}: {RULE_WORDS[rule['type']]}")
+    return drift
+
+
+def comparable(parameters: dict) -> dict:
+    """A rule's parameters as RULES states them: GitHub adds keys, and ids to the checks."""
+    wanted = {key for rule in RULES for key in (rule.get("parameters") or {})}
+    found = {key: value for key, value in parameters.items() if key in wanted}
+    if "required_status_checks" in found:
+        found["required_status_checks"] = sorted(
+            check.get("context") for check in found["required_status_checks"]
+        )
+    return found
+
+
 def drift_of(repo: str) -> list[str]:
     """Read every setting and return one line per difference."""
     drift = sub_drift(read_sub(repo))
@@ -284,7 +365,7 @@ def drift_of(repo: str) -> list[str]:
     drift += environment_drift(environment)
     if environment and environment.get("deployment_branch_policy") == BRANCH_POLICY:
         drift += rules_drift(read_branch_rules(repo))
-    return drift
+    return drift + ruleset_drift(read_ruleset(repo))
 
 
 # Commands
@@ -313,7 +394,10 @@ def print_ids(found: dict) -> None:
 def report(repo: str, drift: list[str], fix: str) -> int:
     """Print the drift lines (or ok) and return the exit status."""
     if not drift:
-        print(f"ok: {repo}: OIDC subject claim and environment {ENVIRONMENT} are as required")
+        print(
+            f"ok: {repo}: OIDC subject claim, environment {ENVIRONMENT} and ruleset"
+            f" '{RULESET_NAME}' are as required"
+        )
         return 0
     for line in drift:
         print(f"drift: {line}", file=sys.stderr)
@@ -369,6 +453,20 @@ def setup_branch_rules(repo: str) -> int:
     return writes
 
 
+def setup_ruleset(repo: str) -> int:
+    """Create or correct the ruleset that protects main; the number of writes."""
+    ruleset = read_ruleset(repo)
+    if not ruleset_drift(ruleset):
+        return 0
+    what = (
+        f"set: ruleset '{RULESET_NAME}': no force push or deletion of {BRANCH}, a reviewed pull"
+        f" request and the check '{REQUIRED_CHECK}', no bypass"
+    )
+    if ruleset is None:
+        return write("POST", f"repos/{repo}/rulesets", RULESET, what)
+    return write("PUT", f"repos/{repo}/rulesets/{ruleset['id']}", RULESET, what)
+
+
 def setup(environ: dict) -> int:
     """Write what differs, read everything back, print the ids."""
     repo = repository(environ)
@@ -378,6 +476,7 @@ def setup(environ: dict) -> int:
     entries = reviewer_ids(wanted, found["owner"]["login"])
     names = ", ".join(f"{kind.lower()} {name}" for kind, name in wanted)
     writes = setup_sub(repo) + setup_environment(repo, entries, names) + setup_branch_rules(repo)
+    writes += setup_ruleset(repo)
     if not writes:
         print(f"{repo}: nothing to change")
     status = report(repo, drift_of(repo), "GitHub did not keep what was written (plan or rights?)")

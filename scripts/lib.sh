@@ -4,9 +4,13 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 AWS_REGION=${AWS_REGION:-eu-west-1}
-BASE_STACK=${BASE_STACK:-cars-api-base}
-DATA_STACK=${DATA_STACK:-cars-api-data}
-SERVICE_STACK=${SERVICE_STACK:-cars-api-service}
+# Every stack, and every name the stacks give (their Prefix parameter), starts with STACK_PREFIX:
+# STACK_PREFIX=staging deploys a second, separate environment into the same account and region.
+STACK_PREFIX=${STACK_PREFIX:-cars-api}
+BASE_STACK=${BASE_STACK:-$STACK_PREFIX-base}
+DATA_STACK=${DATA_STACK:-$STACK_PREFIX-data}
+SERVICE_STACK=${SERVICE_STACK:-$STACK_PREFIX-service}
+CI_STACK=${CI_STACK:-$STACK_PREFIX-ci-access}
 IMAGE=${IMAGE:-cars-api}
 CONTAINER=${CONTAINER:-docker}
 # The accepted scan findings: one '<vulnerability id> <YYYY-MM-DD expiry> <reason>' per line.
@@ -123,14 +127,18 @@ task_network() {
 # it stops; returns 0 when its container exited 0. $2 names it in messages. Anything else (it did
 # not start, exited non-zero, overran: then it is stopped) dies with why and says nothing changed.
 run_one_off() {
-  local taskdef=$1 what=$2 timeout=${TASK_TIMEOUT:-900} task msg rc network
+  local taskdef=$1 what=$2 timeout=${TASK_TIMEOUT:-900} task msg rc network hint
   local deadline=$((SECONDS + timeout))
   network=$(task_network)
   awsq ecs run-task --cluster "$CLUSTER" --task-definition "$taskdef" --launch-type FARGATE \
-    --count 1 --started-by "cars-api-$what" --network-configuration "$network" \
+    --count 1 --started-by "$STACK_PREFIX-$what" --network-configuration "$network" \
     --output json >"$WORK/run-task.json"
   task=$(state_or_die started-task "$WORK/run-task.json" "$what")
   say "Started the $what task $task"
+  # The command that prints this task's log (the stream prefix its task definition logs under).
+  aws_ ecs describe-task-definition --task-definition "$taskdef" --output json \
+    >"$WORK/one-off-taskdef.json" 2>/dev/null || rm -f "$WORK/one-off-taskdef.json"
+  hint=$(state log-hint "$WORK/one-off-taskdef.json" "$task")
   while :; do
     awsq ecs describe-tasks --cluster "$CLUSTER" --tasks "$task" --output json >"$WORK/task.json"
     rc=0
@@ -138,12 +146,13 @@ run_one_off() {
     case $rc in
       0) say "$msg"; return 0 ;;
       3) ;;
-      *) die "$msg; see make logs (stream prefix $what): nothing else changed" ;;
+      *) die "$msg; its log: $hint; nothing else changed" ;;
     esac
     if ((SECONDS >= deadline)); then
       aws_ ecs stop-task --cluster "$CLUSTER" --task "$task" \
         --reason "cars-api $what overran ${timeout}s" --output json >/dev/null 2>&1 || true
-      die "$msg after ${timeout}s: stopped it; nothing else changed (TASK_TIMEOUT waits longer)"
+      die "$msg after ${timeout}s: stopped it; nothing else changed (TASK_TIMEOUT waits longer;" \
+        "its log: $hint)"
     fi
     say "  $msg"
     sleep "${POLL_SECONDS:-15}"
@@ -282,17 +291,23 @@ verify_attestation() {
   local ref="$REPOSITORY_URI@$1"
   if [[ "${GITHUB_ACTIONS:-}" != true ]]; then
     say "WARNING: could not verify the build provenance attestation of $ref: only a GitHub" \
-      "Actions run checks it (gh attestation verify oci://$ref --repo <owner/name> does by hand)"
+      "Actions run checks it (gh attestation verify oci://$ref --repo <owner/name> --cert-identity" \
+      "https://github.com/<owner/name>/.github/workflows/ci.yml@refs/heads/main" \
+      "--deny-self-hosted-runners does by hand)"
     return 0
   fi
   [[ -n "${GITHUB_REPOSITORY:-}" ]] || die "GITHUB_REPOSITORY is not set: cannot verify $ref"
   require_tools gh "$CONTAINER"
   ecr_login
+  # The signing certificate must name ci.yml at refs/heads/main exactly (an attestation made by a
+  # pull request's or another branch's run names another ref) and a GitHub-hosted runner.
   gh attestation verify "oci://$ref" --repo "$GITHUB_REPOSITORY" \
-    --signer-workflow "$GITHUB_REPOSITORY/.github/workflows/ci.yml" >"$WORK/attest.out" 2>&1 \
+    --cert-identity "https://github.com/$GITHUB_REPOSITORY/.github/workflows/ci.yml@refs/heads/main" \
+    --deny-self-hosted-runners >"$WORK/attest.out" 2>&1 \
     || die "the build provenance attestation of $ref does not verify:" \
       "$(last_line "$WORK/attest.out"); nothing changed"
-  say "verified: $ref has a build provenance attestation signed by $GITHUB_REPOSITORY's ci.yml"
+  say "verified: $ref has a build provenance attestation signed by $GITHUB_REPOSITORY's ci.yml" \
+    "on main, on a GitHub-hosted runner"
 }
 
 # `aws cloudformation deploy` that treats "nothing to change" as success. The CLI does so itself
@@ -376,13 +391,106 @@ deploy_release() {
     run_migration "$expected"
   fi
   say "Deploying $REPOSITORY_URI:$tag by digest $digest (stack $SERVICE_STACK, region $AWS_REGION)"
+  local prefix
+  prefix=$(prefix_parameter service.yaml)
   cfn_deploy --stack-name "$SERVICE_STACK" --template-file "$ROOT/cloudformation/service.yaml" \
     --capabilities CAPABILITY_IAM \
-    --parameter-overrides "BaseStackName=$BASE_STACK" "DataStackName=$DATA_STACK" \
-    "ImageTag=$tag@$digest" \
+    --parameter-overrides ${prefix:+"$prefix"} "BaseStackName=$BASE_STACK" \
+    "DataStackName=$DATA_STACK" "ImageTag=$tag@$digest" \
     || report_failed_deploy "$expected"
   load_service || die "stack $SERVICE_STACK has no ServiceName output after the deploy"
   wait_for_rollout "$expected"
   check_ready
   say "ok: $expected ($tag) is live at $SERVICE_URL"
+}
+
+# STACK_PREFIX names ECR repositories, buckets and RDS identifiers: lowercase, 20 characters.
+check_prefix() {
+  [[ "$STACK_PREFIX" =~ ^[a-z][a-z0-9]*(-[a-z0-9]+)*$ && ${#STACK_PREFIX} -le 20 ]] \
+    || usage_error "STACK_PREFIX '$STACK_PREFIX' must be lowercase letters and digits in words" \
+      "joined by single hyphens, starting with a letter, at most 20 characters (staging, cars-api)"
+}
+
+# "Prefix=$STACK_PREFIX" when template $1 (a file name in cloudformation/) declares Prefix.
+prefix_parameter() {
+  # grep without -q reads to the end: an early exit would break the pipe under pipefail.
+  if state template-parameters "$ROOT/cloudformation/$1" | grep -x Prefix >/dev/null; then
+    echo "Prefix=$STACK_PREFIX"
+  fi
+}
+
+# True when template $1 declares parameter $2.
+template_declares() {
+  state template-parameters "$ROOT/cloudformation/$1" | grep -x "$2" >/dev/null
+}
+
+# Creates change set $3 of stack $1 from template $2 with the Name=Value pairs of file $4 (other
+# parameters keep their deployed values), waits until CloudFormation has computed it and saves
+# its pages as $WORK/$1.changes.<n>.json; CHANGE_SET_TYPE is CREATE or UPDATE.
+create_change_set() {
+  local stack=$1 template=$2 name=$3 pairs=$4 status page=1 token
+  rm -f "$WORK/$stack".changes.*.json
+  describe_stack "$stack" "$WORK/$stack.before.json" || true
+  state_or_die change-set-input "$WORK/$stack.before.json" "$ROOT/cloudformation/$template" \
+    "$pairs" "$name" "$stack" >"$WORK/$stack.input.json"
+  CHANGE_SET_TYPE=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["ChangeSetType"])' \
+    "$WORK/$stack.input.json")
+  if ! aws_ cloudformation create-change-set --cli-input-json "file://$WORK/$stack.input.json" \
+    --output json >/dev/null 2>"$WORK/aws.err"; then
+    # Some endpoints refuse an empty change set at once instead of creating a FAILED one.
+    grep -q 'No updates are to be performed' "$WORK/aws.err" \
+      || die "aws cloudformation create-change-set failed: $(last_line "$WORK/aws.err")"
+    echo '{"Status": "FAILED", "StatusReason": "No updates are to be performed."}' \
+      >"$WORK/$stack.changes.1.json"
+    return 0
+  fi
+  while :; do
+    status=$(awsq cloudformation describe-change-set --stack-name "$stack" --change-set-name "$name" \
+      --query Status --output text)
+    [[ "$status" == *_PENDING || "$status" == *_IN_PROGRESS ]] || break
+    sleep "${POLL_SECONDS:-5}"
+  done
+  token=
+  while :; do
+    awsq cloudformation describe-change-set --stack-name "$stack" --change-set-name "$name" \
+      ${token:+--next-token "$token"} --output json >"$WORK/$stack.changes.$page.json"
+    token=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("NextToken") or "")' \
+      "$WORK/$stack.changes.$page.json")
+    [[ -n "$token" ]] || break
+    page=$((page + 1))
+  done
+}
+
+# Deletes change set $2 of stack $1, and the stack too when only the change set made it (a plan
+# of a stack that does not exist yet leaves it REVIEW_IN_PROGRESS, with no resources).
+discard_change_set() {
+  aws_ cloudformation delete-change-set --stack-name "$1" --change-set-name "$2" \
+    >/dev/null 2>&1 || true
+  if [[ "$CHANGE_SET_TYPE" == CREATE ]]; then
+    aws_ cloudformation delete-stack --stack-name "$1" >/dev/null 2>&1 || true
+  fi
+}
+
+# ALLOW_REPLACE as true or false (a usage error otherwise).
+allow_replace() {
+  case "${ALLOW_REPLACE:-false}" in
+    true | false) echo "${ALLOW_REPLACE:-false}" ;;
+    *) usage_error "ALLOW_REPLACE must be true or false, not '$ALLOW_REPLACE'" ;;
+  esac
+}
+
+# Prints what deploying template $2 with the pairs of file $3 would do to stack $1, then deletes
+# the change set: changes nothing. Returns 4 when stack-deploy would refuse it.
+plan_stack() {
+  local name rc=0 text
+  name="plan-$(date +%s)"
+  create_change_set "$1" "$2" "$name" "$3"
+  text=$(state changes "$WORK" "$1" "$(allow_replace)" "$CHANGE_SET_TYPE") || rc=$?
+  discard_change_set "$1" "$name"
+  case $rc in
+    0 | 4 | 5) say "$text" ;;
+    *) die "$text" ;;
+  esac
+  [[ $rc -ne 4 ]] || return 4
+  return 0
 }

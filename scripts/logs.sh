@@ -9,6 +9,9 @@ usage() {
   cat >&2 <<'USAGE'
 usage: make logs [FILTER='<filter pattern>'] [SINCE=<n>m|<n>h|<n>d] [LOG_LINES=50] [STREAMS=4]
                  [AWS_REGION=...] [BASE_STACK=...]
+       make logs TASK=<task id> [STREAM_PREFIX=migrate|bootstrap|cars-api] [LOG_LINES=...]
+With TASK: prints the log of exactly that ECS task (a failed bootstrap or migration names the
+command), oldest line first: the stream <prefix>/<container>/<task id> of the log group.
 Without FILTER and SINCE: prints the newest LOG_LINES events (time UTC, task id, message) of the
 STREAMS most recently written log streams (one per task) of the base stack's log group.
 With FILTER or SINCE: prints the newest LOG_LINES events of the last SINCE (default 1h) that match
@@ -66,6 +69,26 @@ matching() {
   printf '%s\n' "$out"
 }
 
+# The log of one task: every stream of log group $1 that ends in /<task id> $2 (under prefix $3).
+task_log() {
+  local log_group=$1 task=$2 prefix=$3 lines=$4 stream found=
+  mkdir -p "$WORK/logs"
+  for stream in $(awsq logs describe-log-streams --log-group-name "$log_group" \
+    ${prefix:+--log-stream-name-prefix "$prefix/"} --query 'logStreams[].logStreamName' \
+    --output text); do
+    [[ "$stream" == */"$task" ]] || continue
+    found=$stream
+    awsq logs get-log-events --log-group-name "$log_group" --log-stream-name "$stream" \
+      --start-from-head --limit "$lines" --output json >"$WORK/logs/${stream##*/}.json"
+  done
+  if [[ -z "$found" ]]; then
+    say "No log stream of task $task${prefix:+ under prefix $prefix} in $log_group (did it start?" \
+      "ECS writes one only once its container runs)."
+    return 0
+  fi
+  state logs "$WORK" "$lines"
+}
+
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
   local lines=${LOG_LINES:-50} streams=${STREAMS:-4} filter=${FILTER:-} since=${SINCE:-} start
@@ -73,11 +96,17 @@ main() {
   [[ "$lines" =~ ^[1-9][0-9]{0,3}$ ]] || usage_error "LOG_LINES must be a number from 1 to 9999"
   [[ "$streams" =~ ^[1-9][0-9]?$ ]] || usage_error "STREAMS must be a number from 1 to 99"
   [[ -z "$filter$since" ]] || start=$(start_time "${since:-1h}")
+  [[ -z "${TASK:-}" || "$TASK" =~ ^[A-Za-z0-9]{1,64}$ ]] \
+    || usage_error "TASK must be an ECS task id (the last part of its ARN), not '$TASK'"
+  [[ "${STREAM_PREFIX:-}" =~ ^[A-Za-z0-9_.-]{0,64}$ ]] \
+    || usage_error "STREAM_PREFIX must be a log stream prefix (letters, digits, . _ -)"
   require_tools aws python3
   require_credentials
   load_base
   log_group=$(state_or_die output "$WORK/base.json" "$BASE_STACK" LogGroupName)
-  if [[ -z "$filter$since" ]]; then
+  if [[ -n "${TASK:-}" ]]; then
+    task_log "$log_group" "$TASK" "${STREAM_PREFIX:-}" "$lines"
+  elif [[ -z "$filter$since" ]]; then
     newest "$log_group" "$lines" "$streams"
   else
     matching "$log_group" "$start" "${since:-1h}" "$filter" "$lines"

@@ -4,7 +4,6 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-CI_STACK=${CI_STACK:-cars-api-ci-access}
 
 usage() {
   cat >&2 <<'USAGE'

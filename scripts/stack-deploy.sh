@@ -3,28 +3,46 @@
 # ECR, cluster, task roles), the data stack (database, identities, RDS CA bundle; then the bootstrap
 # task), then the CI access stack (GitHub OIDC trust and deploy role) that names the resources of
 # both; print their outputs. Nothing to change changes nothing.
+# Every stack change goes through a change set that is shown first; one that would replace a
+# stateful resource is refused unless ALLOW_REPLACE=true. PLAN=true (make plan) only shows them.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-CI_STACK=${CI_STACK:-cars-api-ci-access}
 
 usage() {
   cat >&2 <<'USAGE'
-usage: make stack-deploy GITHUB_REPOSITORY=owner/name [AWS_REGION=...] [BASE_STACK=...] [DATA_STACK=...]
-                         [CI_STACK=...]
-Creates or updates the base stack (cloudformation/base.yaml), the data stack (cloudformation/
+usage: make stack-deploy GITHUB_REPOSITORY=owner/name [STACK_PREFIX=cars-api] [AWS_REGION=...]
+                         [ALLOW_REPLACE=true] [BOOTSTRAP_SHA=<sha>] [GITHUB_ENVIRONMENT=production]
+usage: make plan [SHA=<sha>] [GITHUB_REPOSITORY=owner/name] [STACK_PREFIX=...]
+First creates the service-linked roles the stacks need (ECS, Application Auto Scaling, Elastic
+Load Balancing, RDS; those that exist are kept). A stack that a failed first create left in
+ROLLBACK_COMPLETE, ROLLBACK_FAILED or CREATE_FAILED is deleted and created again when nothing
+stateful is left in it; otherwise it stops and prints the exact commands. Each stack changes
+through a change set whose resource changes are printed first (Add, Modify, Replace, Remove);
+one that replaces a database, bucket, repository or secret is refused unless ALLOW_REPLACE=true.
+make plan prints the change sets of every stack (and of the service stack for SHA) and deletes
+them: nothing changes. Creates or updates the base stack (cloudformation/base.yaml), the data stack (cloudformation/
 data.yaml), then the CI access stack (cloudformation/ci-access.yaml: the GitHub OIDC provider and
 the deploy role). After the data stack it writes the regional RDS CA bundle into its secret (only
 when it changed), makes sure the API token has an AWSPREVIOUS version, and runs the bootstrap task
 (creates the database, the migration and app users, and their grants; idempotent) with the image
-BOOTSTRAP_SHA names, else the newest image in the repository (none yet: it says so and skips).
+BOOTSTRAP_SHA names once it passes the scan gate and (in GitHub Actions) the attestation check,
+else the digest the service runs now; never merely the newest image (no release and no
+BOOTSTRAP_SHA: it says so and skips). After a successful bootstrap of an available database it
+marks the data stack DatabaseReady=true: deletion protection on, rotation schedules created.
   GITHUB_REPOSITORY     repository whose ci.yml and rollback.yml (main, production environment)
                         may deploy; when omitted it is derived from `git remote get-url origin`
                         and must be confirmed at a terminal (refused without one)
   GITHUB_REPOSITORY_ID  its numeric id and that of its owner; default: asked from GitHub with
   GITHUB_OWNER_ID       `gh api repos/<owner/name>` (.id and .owner.id)
 Optional, passed only when set (otherwise the stack keeps its current value or the default):
-  CREATE_OIDC_PROVIDER  'false' when the account already has the GitHub OIDC provider
+  STACK_PREFIX          first part of every stack and resource name (default cars-api); a second
+                        prefix (staging) is a separate environment in the same account
+  GITHUB_ENVIRONMENT    GitHub environment whose jobs the deploy role trusts (default production;
+                        staging for STACK_PREFIX=staging)
+  CREATE_OIDC_PROVIDER  'false' when the account already has the GitHub OIDC provider (default:
+                        detected; another prefix's provider is reused, not created twice)
+  ALLOW_REPLACE         'true' lets a change set replace a stateful resource (after a backup)
   CERTIFICATE_ARN       ACM certificate for HTTPS (then DOMAIN_NAME is required)
   DOMAIN_NAME           host name the certificate covers
   ALLOW_PLAINTEXT_WRITES 'true' lets writes through plain HTTP without a certificate (demo only)
@@ -35,10 +53,10 @@ Optional, passed only when set (otherwise the stack keeps its current value or t
   DB_INSTANCE_CLASS     e.g. db.t4g.small
   LOG_RETENTION_DAYS    e.g. 90
   ALARM_EMAIL           address subscribed to the alarms
-  REPOSITORY_NAME       ECR repository name (default cars-api)
   DB_SNAPSHOT           DB snapshot to restore when the data stack creates the database
   RDS_CA_BUNDLE         a local PEM file instead of the AWS-published regional RDS CA bundle
-  BOOTSTRAP_SHA         image (commit sha in ECR) of the bootstrap and migration task definitions
+  BOOTSTRAP_SHA         image (commit sha in ECR) of the bootstrap and migration task definitions;
+                        it must pass the scan gate (and, in GitHub Actions, the attestation check)
   BOOTSTRAP             'skip' leaves the bootstrap task out
 USAGE
 }
@@ -109,7 +127,7 @@ base_parameters() {
   set_parameters CertificateArn=CERTIFICATE_ARN DomainName=DOMAIN_NAME \
     AllowPlaintextWrites=ALLOW_PLAINTEXT_WRITES WebApplicationFirewall=WAF \
     TaskSubnetType=TASK_SUBNET_TYPE EnhancedImageScanning=ENHANCED_SCANNING \
-    RepositoryName=REPOSITORY_NAME LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL
+    LogRetentionDays=LOG_RETENTION_DAYS AlarmEmail=ALARM_EMAIL
 }
 
 # Name=Value pairs of the data stack: the physical ids of the base stack's resources it names,
@@ -118,7 +136,6 @@ base_parameters() {
 data_parameters() {
   local logical physical subnets=() endpoint=true
   echo "ServiceStackName=$SERVICE_STACK"
-  echo "DatabaseInstanceIdentifier=$(printf '%s' "$DATA_STACK" | tr '[:upper:]' '[:lower:]')"
   [[ "$(base_parameter TaskSubnetType)" != private ]] || endpoint=false
   echo "CreateSecretsManagerEndpoint=$endpoint"
   [[ -z "$TASK_IMAGE" ]] || echo "TaskImage=$TASK_IMAGE"
@@ -146,30 +163,38 @@ data_parameters() {
   [[ -n "${LOG_RETENTION_DAYS:-}" ]] || echo "LogRetentionDays=365"
   [[ -n "${DB_SNAPSHOT:-}" ]] || echo "SnapshotIdentifier="
   [[ -n "$TASK_IMAGE" ]] || echo "TaskImage="
+  return 0
 }
 
-# Sets TASK_IMAGE, the one-off tasks' image as repository@digest: BOOTSTRAP_SHA's, else the
-# newest pushed image; empty when the repository holds none yet.
+# Sets TASK_IMAGE, the one-off tasks' image as repository@digest, never merely the newest image:
+# BOOTSTRAP_SHA's once it passes the scan gate and the attestation check, else the digest the
+# service runs now (its release passed both); empty (the data stack keeps its image) otherwise.
 find_task_image() {
-  local name uri tag
+  local tag digest
   [[ ! "${BOOTSTRAP_SHA:-0000000}" =~ ^[0-9a-f]{7,40}$ ]] \
     && usage_error "BOOTSTRAP_SHA '$BOOTSTRAP_SHA' is not a commit SHA (7 to 40 lowercase hex)"
-  name=$(resource_id "$BASE_STACK" Repository)
-  uri=$(awsq ecr describe-repositories --repository-names "$name" \
-    --query 'repositories[0].repositoryUri' --output text)
   TASK_IMAGE=
+  REPOSITORY_NAME=$(resource_id "$BASE_STACK" Repository)
+  [[ -n "$REPOSITORY_NAME" ]] || return 0
+  REPOSITORY_URI=$(awsq ecr describe-repositories --repository-names "$REPOSITORY_NAME" \
+    --query 'repositories[0].repositoryUri' --output text)
   if [[ -n "${BOOTSTRAP_SHA:-}" ]]; then
-    awsq ecr describe-images --repository-name "$name" --output json >"$WORK/images.json"
-    tag=$(state_or_die resolve "$WORK/images.json" "$BOOTSTRAP_SHA" "$uri")
-    awsq ecr describe-images --repository-name "$name" --image-ids "imageTag=$tag" \
-      --output json >"$WORK/tag.json"
-    TASK_IMAGE="$uri@$(state_or_die digest "$WORK/tag.json" "$tag")"
+    tag=$(resolve_tag "$BOOTSTRAP_SHA")
+    digest=$(tag_digest "$tag")
+    scan_gate "$digest" || die "BOOTSTRAP_SHA=$BOOTSTRAP_SHA: $SCAN_REFUSAL; the bootstrap and" \
+      "migration tasks run only an image that passes the scan gate: nothing was deployed"
+    verify_attestation "$digest"
+    TASK_IMAGE="$REPOSITORY_URI@$digest"
+    say "The bootstrap and migration tasks run $TASK_IMAGE (BOOTSTRAP_SHA, scanned and cleared)"
     return 0
   fi
-  awsq ecr describe-images --repository-name "$name" --output json \
-    --query 'sort_by(imageDetails, &imagePushedAt)[-1].imageDigest' >"$WORK/newest.json"
-  tag=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])) or "")' "$WORK/newest.json")
-  [[ -z "$tag" ]] || TASK_IMAGE="$uri@$tag"
+  if describe_stack "$SERVICE_STACK" "$WORK/service-stack.json"; then
+    tag=$(state parameter "$WORK/service-stack.json" ImageTag)
+    if [[ "$tag" == *@sha256:* ]]; then
+      TASK_IMAGE="$REPOSITORY_URI@${tag#*@}"
+      say "The bootstrap and migration tasks run $TASK_IMAGE, the image the service runs now"
+    fi
+  fi
 }
 
 # Physical id of resource $2 of stack $1 (empty when it has none).
@@ -235,14 +260,15 @@ bootstrap() {
   local taskdef
   taskdef=$(resource_id "$DATA_STACK" BootstrapTaskDefinition)
   if [[ -z "$taskdef" ]]; then
-    say "WARNING: no image in the repository yet, so no bootstrap task: the database users do" \
-      "not exist. Push one (make push SHA=<sha>), then run make stack-deploy again before the" \
-      "first release."
+    say "WARNING: no image chosen for the bootstrap task yet (no release, no BOOTSTRAP_SHA), so" \
+      "the database users do not exist. Push one (make push SHA=<sha>), then run make" \
+      "stack-deploy BOOTSTRAP_SHA=<sha> before the first release."
     return 0
   fi
   load_base
   say "Running the bootstrap task (database, migration and app users, grants)"
   run_one_off "$taskdef" bootstrap
+  BOOTSTRAPPED=true
 }
 
 # Value of parameter $1 of the base stack as deployed.
@@ -263,7 +289,10 @@ ci_parameters() {
   echo "DataStackName=$DATA_STACK"
   echo "ServiceStackName=$SERVICE_STACK"
   echo "MigrationExecutionRoleName=$role"
-  [[ -z "${CREATE_OIDC_PROVIDER:-}" ]] || echo "CreateGitHubOidcProvider=$CREATE_OIDC_PROVIDER"
+  oidc_parameter
+  if template_declares ci-access.yaml GitHubEnvironment; then
+    echo "GitHubEnvironment=${GITHUB_ENVIRONMENT:-production}"
+  fi
   if [[ "$(base_parameter TaskSubnetType)" == private ]]; then
     public_ip=false
     prefix=Private
@@ -273,7 +302,6 @@ ci_parameters() {
     case $logical in
       Repository) echo "RepositoryName=$physical" ;;
       Cluster) echo "ClusterName=${physical##*/}" ;;
-      LogGroup) echo "LogGroupName=$physical" ;;
       AlarmTopic) echo "AlarmTopicArn=$physical" ;;
       ExecutionRole) echo "ExecutionRoleName=$physical" ;;
       TaskRole) echo "TaskRoleName=$physical" ;;
@@ -285,38 +313,142 @@ ci_parameters() {
   echo "TaskSubnets=${subnets[0]},${subnets[1]}"
 }
 
-# Deploys stack $1 from template $2 with the Name=Value overrides read from standard input, and
-# prints its outputs. Overrides equal to the deployed values are left out (the CLI keeps those):
-# the stack changes only when a setting does. CAPABILITY_AUTO_EXPAND: data.yaml's rotation
-# functions come from a transform.
+# CreateGitHubOidcProvider: CREATE_OIDC_PROVIDER when set; else false whenever the account has
+# the GitHub OIDC provider already (an account has one per URL: a second prefix reuses the first's,
+# and the provider outlives the stack that made it), true only when it has none.
+oidc_parameter() {
+  local arns arn
+  if [[ -n "${CREATE_OIDC_PROVIDER:-}" ]]; then
+    echo "CreateGitHubOidcProvider=$CREATE_OIDC_PROVIDER"
+    return 0
+  fi
+  arns=$(awsq iam list-open-id-connect-providers --output text \
+    --query 'OpenIDConnectProviderList[].Arn')
+  for arn in $arns; do
+    if [[ "$arn" == */token.actions.githubusercontent.com ]]; then
+      echo "CreateGitHubOidcProvider=false"
+      return 0
+    fi
+  done
+  echo "CreateGitHubOidcProvider=true"
+}
+
+# Deploys stack $1 from template $2 with the Name=Value overrides read from standard input (and
+# Prefix), through a change set whose changes are printed first, and prints the stack's outputs.
+# Overrides equal to the deployed values are left out: the stack changes only when a setting
+# does. A change set that replaces a stateful resource is refused unless ALLOW_REPLACE=true; with
+# PLAN=true the change set is only printed and deleted.
 deploy_stack() {
-  local line overrides=()
-  cat >"$WORK/$1.pairs"
+  local name rc=0 text kind why
+  { prefix_parameter "$2"; cat; } >"$WORK/$1.pairs"
   if [[ -s "$WORK/$1.json" ]]; then
     state_or_die changed-parameters "$WORK/$1.json" "$WORK/$1.pairs" >"$WORK/$1.changed"
     mv "$WORK/$1.changed" "$WORK/$1.pairs"
   fi
-  while IFS= read -r line; do [[ -z "$line" ]] || overrides+=("$line"); done <"$WORK/$1.pairs"
-  cfn_deploy --stack-name "$1" --template-file "$ROOT/cloudformation/$2" \
-    --capabilities CAPABILITY_NAMED_IAM CAPABILITY_AUTO_EXPAND \
-    ${overrides[@]+--parameter-overrides "${overrides[@]}"} \
-    || die "stack $1 was not deployed: $(stack_failure "$1")"
+  if [[ "${PLAN:-}" == true ]]; then
+    plan_stack "$1" "$2" "$WORK/$1.pairs" || PLAN_REFUSED=true
+    return 0
+  fi
+  name="stack-deploy-$(date +%s)"
+  create_change_set "$1" "$2" "$name" "$WORK/$1.pairs"
+  text=$(state changes "$WORK" "$1" "$(allow_replace)" "$CHANGE_SET_TYPE") || rc=$?
+  case $rc in
+    0) say "$text" ;;
+    5)
+      discard_change_set "$1" "$name"
+      say "No changes to deploy: the stack $1 is up to date."
+      describe_stack "$1" "$WORK/$1.json" || die "stack $1 vanished"
+      return 0 ;;
+    4)
+      discard_change_set "$1" "$name"
+      printf '%s\n' "$text" | sed '$d'
+      die "$(printf '%s\n' "$text" | tail -n 1)" ;;
+    *) discard_change_set "$1" "$name"; die "$text" ;;
+  esac
+  kind=$(tr '[:upper:]' '[:lower:]' <<<"$CHANGE_SET_TYPE")
+  awsq cloudformation execute-change-set --stack-name "$1" --change-set-name "$name" \
+    --output json >/dev/null
+  if ! aws_ cloudformation wait "stack-$kind-complete" --stack-name "$1" 2>"$WORK/wait.err"; then
+    [[ "$kind" == create ]] || die "stack $1 was not deployed: $(stack_failure "$1")"
+    why=$(stack_failure "$1")
+    die "stack $1 was not created: ${why%%; delete it before the next deploy*}. Fix the cause," \
+      "then run make stack-deploy again: it deletes a failed first create when nothing" \
+      "stateful is left in it"
+  fi
   describe_stack "$1" "$WORK/$1.json" || die "stack $1 vanished after the deploy"
   say "Outputs of $1:"
   state outputs "$WORK/$1.json"
 }
 
-# The service stack's scaling needs Application Auto Scaling's service-linked role. The deploy
-# role may not create roles, so the administrator's run creates it once per account.
-ensure_autoscaling_role() {
-  aws_ iam get-role --role-name AWSServiceRoleForApplicationAutoScaling_ECSService \
-    >/dev/null 2>&1 && return 0
-  say "Creating the service-linked role of Application Auto Scaling for ECS"
-  aws_ iam create-service-linked-role --aws-service-name ecs.application-autoscaling.amazonaws.com \
-    >/dev/null 2>"$WORK/aws.err" && return 0
-  # Someone else's first run (or the first scalable target) may have made it meanwhile.
-  grep -Eq 'already exists|has been taken' "$WORK/aws.err" \
-    || die "aws iam create-service-linked-role failed: $(last_line "$WORK/aws.err")"
+# The service-linked roles the stacks depend on. AWS makes some lazily, on first use, and then
+# races the stack that needs them (an ECS cluster created with the role, a known CloudFormation
+# failure of a fresh account); the deploy role may not create roles, so this run makes them all.
+SERVICE_LINKED_ROLES="ecs.amazonaws.com ecs.application-autoscaling.amazonaws.com
+elasticloadbalancing.amazonaws.com rds.amazonaws.com"
+
+# Creates each service-linked role that does not exist yet (idempotent: "taken" is success).
+ensure_service_linked_roles() {
+  local service
+  for service in $SERVICE_LINKED_ROLES; do
+    if aws_ iam create-service-linked-role --aws-service-name "$service" >/dev/null \
+      2>"$WORK/aws.err"; then
+      say "Created the service-linked role of $service"
+    elif ! grep -Eq 'has been taken|already exists' "$WORK/aws.err"; then
+      die "aws iam create-service-linked-role --aws-service-name $service failed:" \
+        "$(last_line "$WORK/aws.err") (an administrator of the account must run it once)"
+    fi
+  done
+}
+
+# A stack in ROLLBACK_COMPLETE, ROLLBACK_FAILED or CREATE_FAILED is what a failed first create
+# leaves; it can only be deleted. When nothing stateful is left in it, delete it so that this run
+# creates it again; otherwise stop with the exact commands (state failed-create decides).
+recover_failed_create() {
+  local stack=$1 status said
+  status=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["Stacks"][0]["StackStatus"])' \
+    "$WORK/$stack.json")
+  case $status in
+    ROLLBACK_COMPLETE | ROLLBACK_FAILED | CREATE_FAILED) ;;
+    *) return 0 ;;
+  esac
+  say "stack $stack failed to create: $(stack_failure "$stack")"
+  awsq cloudformation describe-stack-resources --stack-name "$stack" --output json \
+    >"$WORK/$stack.resources.json"
+  said=$(state_or_die failed-create "$WORK/$stack.json" "$WORK/$stack.resources.json" "$stack")
+  if [[ "${PLAN:-}" == true ]]; then
+    say "${said/deleting it and creating it again/make stack-deploy deletes it and creates it again}"
+    rm -f "$WORK/$stack.json"
+    return 0
+  fi
+  say "$said"
+  awsq cloudformation delete-stack --stack-name "$stack"
+  aws_ cloudformation wait stack-delete-complete --stack-name "$stack" 2>"$WORK/wait.err" \
+    || die "stack $stack could not be deleted: $(stack_failure "$stack")"
+  rm -f "$WORK/$stack.json"
+}
+
+# Marks the database ready (data stack parameter DatabaseReady=true: deletion protection on, the
+# rotation schedules created, which rotate at once) once the bootstrap task has made the users
+# and the database is available. Never set back to false: that would drop both.
+database_ready() {
+  local id status
+  template_declares data.yaml DatabaseReady || return 0
+  [[ "$(state parameter "$WORK/$DATA_STACK.json" DatabaseReady)" != true ]] || return 0
+  if [[ "$BOOTSTRAPPED" != true ]]; then
+    say "The database is not marked ready (no deletion protection, no rotation yet): that" \
+      "happens in the make stack-deploy whose bootstrap task succeeds"
+    return 0
+  fi
+  id=$(resource_id "$DATA_STACK" Database)
+  status=$(awsq rds describe-db-instances --db-instance-identifier "$id" \
+    --query 'DBInstances[0].DBInstanceStatus' --output text)
+  if [[ "$status" != available ]]; then
+    say "The database $id is $status: it is marked ready at the next make stack-deploy"
+    return 0
+  fi
+  say "The database $id is bootstrapped and available: deletion protection on, rotation" \
+    "schedules created (DatabaseReady=true); Secrets Manager rotates both identities now"
+  echo "DatabaseReady=true" | deploy_stack "$DATA_STACK" data.yaml
 }
 
 # Says loudly when the stack lets writes, and so the bearer token, cross the internet unencrypted.
@@ -329,19 +461,94 @@ warn_plaintext_writes() {
   fi
 }
 
+# The service stack's change set for a release of SHA (make plan SHA=...): nothing is deployed.
+plan_service() {
+  local tag digest
+  [[ -n "${SHA:-}" ]] || return 0
+  check_sha
+  load_base
+  tag=$(resolve_tag "$SHA")
+  digest=$(tag_digest "$tag")
+  {
+    prefix_parameter service.yaml
+    printf 'BaseStackName=%s\nDataStackName=%s\nImageTag=%s@%s\n' "$BASE_STACK" "$DATA_STACK" \
+      "$tag" "$digest"
+  } >"$WORK/service.pairs"
+  say "Plan of stack $SERVICE_STACK for a release of $tag ($digest):"
+  plan_stack "$SERVICE_STACK" service.yaml "$WORK/service.pairs" || PLAN_REFUSED=true
+}
+
+# Checks each long-lived stack before anything changes: a failed first create is recovered (or
+# explained), a busy or failed one stops the run.
+check_stacks() {
+  local stack
+  for stack in "$BASE_STACK" "$DATA_STACK" "$CI_STACK"; do
+    if describe_stack "$stack" "$WORK/$stack.json"; then
+      recover_failed_create "$stack"
+      [[ ! -s "$WORK/$stack.json" ]] || state_or_die stack "$WORK/$stack.json" "$stack" >/dev/null
+    fi
+  done
+}
+
+# make plan: the change sets of every stack, printed and deleted. A stack whose inputs do not
+# exist yet (the data stack before the base stack) is planned on a later run.
+plan() {
+  local repo ids
+  PLAN_REFUSED=false
+  check_stacks
+  say "Plan of stack $BASE_STACK:"
+  base_parameters >"$WORK/base.parameters"
+  s3_prefix_list >>"$WORK/base.parameters"
+  deploy_stack "$BASE_STACK" base.yaml <"$WORK/base.parameters"
+  if [[ ! -s "$WORK/$BASE_STACK.json" ]]; then
+    say "Plan of stacks $DATA_STACK and $CI_STACK: after $BASE_STACK exists (they name its resources)"
+  else
+    say "Plan of stack $DATA_STACK:"
+    find_task_image
+    data_parameters >"$WORK/data.parameters"
+    deploy_stack "$DATA_STACK" data.yaml <"$WORK/data.parameters"
+    if [[ ! -s "$WORK/$DATA_STACK.json" ]]; then
+      say "Plan of stack $CI_STACK: after $DATA_STACK exists (it names its resources)"
+    elif [[ -s "$WORK/$CI_STACK.json" && -z "${GITHUB_REPOSITORY:-}" ]]; then
+      say "Plan of stack $CI_STACK (GitHub repository and ids as deployed):"
+      ci_parameters "" "" "" | grep -Ev '^GitHub(Repository|RepositoryId|OwnerId)=' \
+        >"$WORK/ci.parameters" || true
+      deploy_stack "$CI_STACK" ci-access.yaml <"$WORK/ci.parameters"
+    else
+      repo=$(github_repository)
+      ids=$(github_ids "$repo")
+      say "Plan of stack $CI_STACK:"
+      # shellcheck disable=SC2086 # ids is two numbers: split on purpose
+      ci_parameters "$repo" $ids >"$WORK/ci.parameters"
+      deploy_stack "$CI_STACK" ci-access.yaml <"$WORK/ci.parameters"
+    fi
+  fi
+  plan_service
+  if [[ "$PLAN_REFUSED" == true ]]; then
+    die "make stack-deploy would refuse a change above (it replaces a stateful resource);" \
+      "ALLOW_REPLACE=true lets it, after a backup"
+  fi
+  say "Nothing was changed (the change sets were deleted)."
+}
+
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
-  local repo ids stack
+  local repo ids
+  BOOTSTRAPPED=false
+  allow_replace >/dev/null
+  check_prefix
+  if [[ "${PLAN:-}" == true ]]; then
+    require_tools aws python3
+    require_credentials
+    plan
+    return 0
+  fi
   repo=$(github_repository)
   ids=$(github_ids "$repo")
   require_tools aws python3 curl openssl
   require_credentials
-  for stack in "$BASE_STACK" "$DATA_STACK" "$CI_STACK"; do
-    if describe_stack "$stack" "$WORK/$stack.json"; then
-      state_or_die stack "$WORK/$stack.json" "$stack" >/dev/null
-    fi
-  done
-  ensure_autoscaling_role
+  check_stacks
+  ensure_service_linked_roles
   say "Deploying stack $BASE_STACK in $AWS_REGION"
   base_parameters >"$WORK/base.parameters"
   s3_prefix_list >>"$WORK/base.parameters"
@@ -355,7 +562,9 @@ main() {
   refresh_ca_bundle
   ensure_previous_token
   bootstrap
-  say "Deploying stack $CI_STACK in $AWS_REGION (deploy role trusts $repo: ci.yml and rollback.yml on main)"
+  database_ready
+  say "Deploying stack $CI_STACK in $AWS_REGION (deploy role trusts $repo: ci.yml and" \
+    "rollback.yml on main, environment ${GITHUB_ENVIRONMENT:-production})"
   # shellcheck disable=SC2086 # ids is two numbers: split on purpose
   ci_parameters "$repo" $ids >"$WORK/ci.parameters"
   deploy_stack "$CI_STACK" ci-access.yaml <"$WORK/ci.parameters"

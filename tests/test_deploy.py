@@ -431,6 +431,104 @@ def test_second_stack_deploy_changes_nothing(base_stack, aws_env, moto_url):
     assert "Wrote the RDS CA bundle" not in again.stdout
 
 
+def test_stack_deploy_first_creates_every_service_linked_role_the_stacks_need(base_stack, moto_url):
+    assert base_stack.returncode == 0, base_stack.stderr
+    roles = client("iam", moto_url).list_roles(PathPrefix="/aws-service-role/")["Roles"]
+    services = {role["Path"].split("/")[2] for role in roles}
+    assert services >= {
+        "ecs.amazonaws.com",
+        "ecs.application-autoscaling.amazonaws.com",
+        "elasticloadbalancing.amazonaws.com",
+        "rds.amazonaws.com",
+    }
+    created = base_stack.stdout.index("Created the service-linked role of ecs.amazonaws.com")
+    assert created < base_stack.stdout.index("Deploying stack cars-api-base")
+
+
+def test_stack_deploy_goes_through_a_change_set_it_prints_and_leaves_none_behind(
+    base_stack, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    assert "cars-api-base: " in base_stack.stdout
+    assert "resource change(s) (new stack)" in base_stack.stdout
+    assert "  Add       Vpc (AWS::EC2::VPC)" in base_stack.stdout
+    cfn = client("cloudformation", moto_url)
+    for stack in ("cars-api-base", "cars-api-data", "cars-api-ci-access"):
+        pending = [
+            summary
+            for summary in cfn.list_change_sets(StackName=stack)["Summaries"]
+            if summary["ExecutionStatus"] == "AVAILABLE"
+        ]
+        assert pending == [], stack
+
+
+def test_a_first_create_that_fails_half_way_is_retried_by_the_same_command(aws_env, moto_url):
+    region = "us-west-2"
+    env = {**aws_env, "AWS_REGION": region}
+    ecr = client("ecr", moto_url, region=region)
+    cfn = client("cloudformation", moto_url, region=region)
+    # Something the base stack names exists already: its create fails after other resources.
+    ecr.create_repository(repositoryName="cars-api")
+    failed = make("stack-deploy", env, **GITHUB)
+    assert failed.returncode != 0
+    line = error_line(failed)
+    assert line.startswith(
+        "error: stack cars-api-base was not created: stack cars-api-base is "
+        "ROLLBACK_COMPLETE (Repository: "
+    )
+    assert "run make stack-deploy again" in line
+    stack = cfn.describe_stacks(StackName="cars-api-base")["Stacks"][0]
+    assert stack["StackStatus"] == "ROLLBACK_COMPLETE"
+    assert not stack_exists(cfn, "cars-api-data"), "it stopped at the failed stack"
+    ecr.delete_repository(repositoryName="cars-api")  # the fix
+    rerun = make("stack-deploy", env, **GITHUB)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "stack cars-api-base is ROLLBACK_COMPLETE from a failed first create" in rerun.stdout
+    assert "deleting it and creating it again" in rerun.stdout
+    for name in ("cars-api-base", "cars-api-data", "cars-api-ci-access"):
+        status = cfn.describe_stacks(StackName=name)["Stacks"][0]["StackStatus"]
+        assert status == "CREATE_COMPLETE", name
+
+
+def test_plan_of_a_new_account_lists_what_would_be_added_and_creates_nothing(aws_env, moto_url):
+    region = "ap-southeast-2"
+    result = make("plan", {**aws_env, "AWS_REGION": region})
+    assert result.returncode == 0, result.stderr
+    assert "Plan of stack cars-api-base:" in result.stdout
+    assert "resource change(s) (new stack)" in result.stdout
+    assert "  Add       Repository (AWS::ECR::Repository)" in result.stdout
+    assert "after cars-api-base exists" in result.stdout
+    assert "Nothing was changed" in result.stdout
+    cfn = client("cloudformation", moto_url, region=region)
+    live = [s for s in cfn.list_stacks()["StackSummaries"] if s["StackStatus"] != "DELETE_COMPLETE"]
+    assert live == []
+    assert client("ecr", moto_url, region=region).describe_repositories()["repositories"] == []
+
+
+def test_plan_of_deployed_stacks_changes_nothing(base_stack, aws_env, moto_url):
+    assert base_stack.returncode == 0, base_stack.stderr
+    cfn = client("cloudformation", moto_url)
+    before = {
+        name: cfn.describe_stacks(StackName=name)["Stacks"][0]
+        for name in ("cars-api-base", "cars-api-data", "cars-api-ci-access")
+    }
+    result = make("plan", aws_env, LOG_RETENTION_DAYS="90")
+    assert result.returncode == 0, result.stderr
+    for name in before:
+        assert f"Plan of stack {name}" in result.stdout
+    assert "cars-api-base: " in result.stdout
+    for name, stack in before.items():
+        after = cfn.describe_stacks(StackName=name)["Stacks"][0]
+        assert after.get("LastUpdatedTime") == stack.get("LastUpdatedTime"), name
+        assert after["Parameters"] == stack["Parameters"], name
+        pending = [
+            summary
+            for summary in cfn.list_change_sets(StackName=name)["Summaries"]
+            if summary["ExecutionStatus"] != "EXECUTE_COMPLETE"  # AWS drops those; moto keeps them
+        ]
+        assert pending == [], name
+
+
 def resources(cfn, stack):
     return {
         r["LogicalResourceId"]: r["PhysicalResourceId"]
@@ -481,8 +579,10 @@ def test_stack_deploy_creates_the_data_stack_between_base_and_ci_access(
     # The service reads AWSPREVIOUS of the token: it exists from the start.
     stages = secrets.describe_secret(SecretId=base["ApiTokenSecret"])["VersionIdsToStages"]
     assert any({"AWSCURRENT", "AWSPREVIOUS"} <= set(labels) for labels in stages.values())
-    # No image yet: no bootstrap task, and it says what to do.
-    assert "no image in the repository yet, so no bootstrap task" in base_stack.stdout
+    # No release and no BOOTSTRAP_SHA: no bootstrap task (never "the newest image"), and it says
+    # what to do.
+    assert "no image chosen for the bootstrap task yet" in base_stack.stdout
+    assert "make stack-deploy BOOTSTRAP_SHA=<sha>" in base_stack.stdout
     assert "BootstrapTaskDefinition" not in data
     ci = cfn.describe_stacks(StackName="cars-api-ci-access")["Stacks"][0]
     ci_parameters = {p["ParameterKey"]: p["ParameterValue"] for p in ci["Parameters"]}
@@ -757,3 +857,95 @@ def test_rotate_token_refuses_a_setting_that_is_not_true_or_false(stub):
     assert result.returncode == 2
     assert "ROLL_TASKS must be true or false, not 'yes'" in error_line(result)
     assert "usage: make rotate-token" in result.stderr
+
+
+def test_rotate_token_says_loudly_that_the_old_token_stays_valid_until_revoked(stub, moto_url):
+    result = make("rotate-token", stub)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: THE OLD TOKEN IS STILL ACCEPTED" in result.stderr
+    assert "make revoke-previous-token" in result.stderr
+    status = make("status", stub)
+    assert "its PREVIOUS value is still accepted (make revoke-previous-token ends that)" in (
+        status.stdout
+    )
+
+
+def test_revoke_previous_token_ends_the_grace_period_of_the_old_token(stub, moto_url):
+    assert make("rotate-token", stub).returncode == 0
+    current, previous = token_stages(moto_url, stub)
+    assert previous != current, "in its grace period"
+    result = make("revoke-previous-token", stub)
+    assert result.returncode == 0, result.stderr
+    assert "Revoked the previous token" in result.stdout
+    assert token_stages(moto_url, stub) == (current, current), "the old token is refused"
+    assert "still accepted" not in make("status", stub).stdout
+    again = make("revoke-previous-token", stub)
+    assert again.returncode == 0, again.stderr
+    assert "No previous token to revoke" in again.stdout
+    assert token_stages(moto_url, stub) == (current, current)
+
+
+def physical_ids(cfn, stacks):
+    return {
+        r["PhysicalResourceId"]
+        for stack in stacks
+        for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]
+        if r.get("PhysicalResourceId")
+    }
+
+
+def test_a_staging_prefix_deploys_beside_the_default_sharing_no_named_resource(
+    base_stack, aws_env, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    iam = client("iam", moto_url)
+    if not iam.list_open_id_connect_providers()["OpenIDConnectProviderList"]:
+        # moto's CloudFormation makes no AWS::IAM::OIDCProvider: make the one the first stack
+        # made in AWS (it outlives its stack: DeletionPolicy RetainExceptOnCreate).
+        iam.create_open_id_connect_provider(
+            Url="https://token.actions.githubusercontent.com", ClientIDList=["sts.amazonaws.com"]
+        )
+    staging = make("stack-deploy", {**aws_env, "STACK_PREFIX": "staging"}, **GITHUB)
+    assert staging.returncode == 0, staging.stderr
+    cfn = client("cloudformation", moto_url)
+    default = ["cars-api-base", "cars-api-data", "cars-api-ci-access"]
+    second = ["staging-base", "staging-data", "staging-ci-access"]
+    for name in second:
+        stack = cfn.describe_stacks(StackName=name)["Stacks"][0]
+        assert stack["StackStatus"] == "CREATE_COMPLETE", name
+        parameters = {p["ParameterKey"]: p["ParameterValue"] for p in stack["Parameters"]}
+        assert parameters.get("Prefix", "staging") == "staging", name
+    assert physical_ids(cfn, default).isdisjoint(physical_ids(cfn, second))
+    ci = cfn.describe_stacks(StackName="staging-ci-access")["Stacks"][0]
+    ci_parameters = {p["ParameterKey"]: p["ParameterValue"] for p in ci["Parameters"]}
+    assert ci_parameters["CreateGitHubOidcProvider"] == "false", "the account's provider is reused"
+    assert len(iam.list_open_id_connect_providers()["OpenIDConnectProviderList"]) == 1
+
+
+def test_stack_deploy_never_bootstraps_with_the_newest_image_and_refuses_an_unscanned_one(
+    base_stack, aws_env, moto_url
+):
+    assert base_stack.returncode == 0, base_stack.stderr
+    cfn = client("cloudformation", moto_url)
+    repository = resources(cfn, "cars-api-base")["Repository"]
+    client("ecr", moto_url).put_image(
+        repositoryName=repository,
+        imageManifest=image_manifest("sha256:" + "cd" * 32),
+        imageTag=SHA_A,
+    )
+    newest = make("stack-deploy", aws_env, **GITHUB)
+    assert newest.returncode == 0, newest.stderr
+    assert "no image chosen for the bootstrap task yet" in newest.stdout
+    data = cfn.describe_stacks(StackName="cars-api-data")["Stacks"][0]
+    assert {p["ParameterKey"]: p["ParameterValue"] for p in data["Parameters"]}["TaskImage"] == ""
+    chosen = make("stack-deploy", aws_env, BOOTSTRAP_SHA=SHA_A, **GITHUB)
+    assert chosen.returncode != 0
+    assert error_line(chosen).startswith(
+        f"error: BOOTSTRAP_SHA={SHA_A}: ECR has no scan of sha256:"
+    )
+    assert error_line(chosen).endswith(
+        "the bootstrap and migration tasks run only an image that passes the scan gate: nothing"
+        " was deployed"
+    )
+    after = cfn.describe_stacks(StackName="cars-api-data")["Stacks"][0]
+    assert after.get("LastUpdatedTime") == data.get("LastUpdatedTime")

@@ -33,7 +33,43 @@ ENV_BODY = {
     "deployment_branch_policy": {"protected_branches": False, "custom_branch_policies": True},
     "can_admins_bypass": False,
 }
-READ_BACK = [("GET", SUB, None), ("GET", ENV, None), ("GET", RULES_LIST, None)]
+RULESETS_LIST = f"{REPO_PATH}/rulesets?includes_parents=false&per_page=100"
+RULESET = f"{REPO_PATH}/rulesets/5123456"
+RULESET_BODY = {
+    "name": "protect main",
+    "target": "branch",
+    "enforcement": "active",
+    "bypass_actors": [],
+    "conditions": {"ref_name": {"include": ["refs/heads/main"], "exclude": []}},
+    "rules": [
+        {"type": "deletion"},
+        {"type": "non_fast_forward"},
+        {
+            "type": "pull_request",
+            "parameters": {
+                "required_approving_review_count": 1,
+                "dismiss_stale_reviews_on_push": True,
+                "require_code_owner_review": False,
+                "require_last_push_approval": True,
+                "required_review_thread_resolution": False,
+            },
+        },
+        {
+            "type": "required_status_checks",
+            "parameters": {
+                "strict_required_status_checks_policy": True,
+                "required_status_checks": [{"context": "lint, test and image test"}],
+            },
+        },
+    ],
+}
+READ_BACK = [
+    ("GET", SUB, None),
+    ("GET", ENV, None),
+    ("GET", RULES_LIST, None),
+    ("GET", RULESETS_LIST, None),
+    ("GET", RULESET, None),
+]
 SUBJECT = (
     "repository_owner_id:81234567:repository_id:712345678:environment:production"
     ":ref:refs/heads/main:job_workflow_ref:octo-org/cars-api/.github/workflows/{}@refs/heads/main"
@@ -49,6 +85,10 @@ DRIFTS = {
         ("DELETE", f"{RULES}/31000002", None),
     ),
     "default-sub-claim": ("GitHub's default subject", ("PUT", SUB, SUB_BODY)),
+    "ruleset-force-push": (
+        "ruleset 'protect main': force pushes to main are allowed",
+        ("PUT", RULESET, RULESET_BODY),
+    ),
 }
 
 
@@ -165,6 +205,8 @@ def test_setup_of_a_new_repository_makes_exactly_these_requests(github):
         ("PUT", ENV, ENV_BODY),
         ("GET", RULES_LIST, None),
         ("POST", RULES, {"name": "main", "type": "branch"}),
+        ("GET", RULESETS_LIST, None),
+        ("POST", f"{REPO_PATH}/rulesets", RULESET_BODY),
         *READ_BACK,
     ]
     assert all("X-GitHub-Api-Version: 2022-11-28" in sent for sent in github.headers())
@@ -294,6 +336,8 @@ def test_check_names_every_drift_of_a_new_repository(github):
         "drift: OIDC subject claim: GitHub's default subject (repo:<owner/name>:...);"
         " want the keys " + ", ".join(CLAIM_KEYS),
         "drift: environment production does not exist",
+        "drift: ruleset 'protect main' does not exist: anyone who can push may force-push or "
+        "delete main",
     ]
     assert "make github-setup" in result.stderr
 
@@ -325,7 +369,13 @@ def test_check_reports_deployments_from_any_protected_branch(github):
         "drift: environment production: any protected branch may deploy"
         " (want selected branches: only main)"
     ]
-    assert github.calls() == [("GET", REPO_PATH, None), ("GET", SUB, None), ("GET", ENV, None)]
+    assert github.calls() == [
+        ("GET", REPO_PATH, None),
+        ("GET", SUB, None),
+        ("GET", ENV, None),
+        ("GET", RULESETS_LIST, None),
+        ("GET", RULESET, None),
+    ]
 
 
 # GITHUB_REPOSITORY and gh
@@ -414,10 +464,10 @@ def test_make_github_setup_then_github_check_pass_on_a_new_repository(github):
     github.answers("fresh")
     setup_run = make("github-setup", github.env, GITHUB_REPOSITORY=REPO, REVIEWERS=REVIEWERS)
     assert setup_run.returncode == 0, setup_run.stderr
-    assert len(github.writes()) == 3
+    assert len(github.writes()) == 4, "sub claim, environment, its branch rule, the ruleset"
     check_run = make("github-check", github.env, GITHUB_REPOSITORY=REPO)
     assert check_run.returncode == 0, check_run.stderr
-    assert len(github.writes()) == 3
+    assert len(github.writes()) == 4
 
 
 def test_make_github_setup_without_reviewers_prints_usage(github):
@@ -434,3 +484,31 @@ def test_make_github_check_fails_on_drift(github):
     result = make("github-check", github.env, GITHUB_REPOSITORY=REPO)
     assert result.returncode != 0
     assert len(drift_lines(result)) == 1
+
+
+# the ruleset that protects main
+
+
+def test_check_names_a_ruleset_that_only_evaluates_and_can_be_bypassed(github):
+    github.answers("ruleset-evaluate-bypass")
+    result = check(github)
+    assert result.returncode == 1
+    assert drift_lines(result) == [
+        "drift: ruleset 'protect main' is evaluate (want active)",
+        "drift: ruleset 'protect main': someone may bypass it (want no bypass actors)",
+    ]
+    assert github.writes() == []
+
+
+def test_setup_puts_back_an_enforced_ruleset_without_bypass(github):
+    github.answers("ruleset-evaluate-bypass")
+    result = setup(github)
+    assert result.returncode == 0, result.stderr
+    assert github.writes() == [("PUT", RULESET, RULESET_BODY)]
+    assert "set: ruleset 'protect main'" in result.stdout
+
+
+def test_the_required_check_is_the_name_of_the_ci_test_job():
+    ci = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    (check_name,) = RULESET_BODY["rules"][3]["parameters"]["required_status_checks"]
+    assert f"name: {check_name['context']}\n" in ci

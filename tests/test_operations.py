@@ -22,7 +22,8 @@ CLOUDWATCH_RETENTION_DAYS = [
     1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
     3288, 3653,
 ]  # fmt: skip
-LOG_NAMESPACE = "cars-api"
+LOG_NAMESPACE = {"Ref": "Prefix"}  # the log metrics are namespaced by the environment
+DASHBOARD_LOG_NAMESPACE = "@{Prefix}@"  # the same, as the dashboard body names it
 
 
 def all_templates():
@@ -163,7 +164,7 @@ def test_every_dashboard_metric_names_a_resource_and_dimension_the_stacks_create
         assert marker(widget["properties"]["region"]) == "AWS::Region"
         for namespace, metric, dimensions in metrics_of(widget):
             checked += 1
-            if namespace == LOG_NAMESPACE:
+            if namespace == DASHBOARD_LOG_NAMESPACE:
                 assert metric in filters, f"no metric filter makes {namespace}/{metric}"
                 assert dimensions == {}, "the metric filters publish no dimensions"
                 continue
@@ -406,7 +407,7 @@ def test_every_service_log_metric_and_database_alarm_starts_with_a_command_to_ru
         for name, alarm in resources_of(base, "AWS::CloudWatch::Alarm").items()
         if alarm["Properties"].get("Namespace") == LOG_NAMESPACE
     }
-    assert len(alarms) == 9
+    assert len(alarms) == 10  # with the data stack's rotation-failed alarm
     for name, alarm in alarms.items():
         description = alarm["Properties"]["AlarmDescription"]
         assert description.startswith("First: make "), name
@@ -873,3 +874,127 @@ def test_stack_delete_says_the_audit_bucket_survives(aws_env, moto_url):
     assert result.returncode == 0, result.stderr
     assert f"  - S3 bucket {bucket} with the load balancer and VPC flow logs" in result.stdout
     assert f"aws s3 rb s3://{bucket} --force --region {REGION}" in result.stdout
+
+
+MIGRATE_TASK = "5f0e3c1d2b4a49e8a7c6d5e4f3a2b1c0"  # pragma: allowlist secret (a task id)
+BOOTSTRAP_TASK = "0c1b2a3f4e5d6c7b8a9f0e1d2c3b4a5f"  # pragma: allowlist secret (a task id)
+
+
+@pytest.fixture(scope="module")
+def one_off_logs(stub, moto_url):
+    """The streams one-off tasks write: <awslogs-stream-prefix>/<container>/<task id>."""
+    logs = client("logs", moto_url)
+    now = int(time.time() * 1000)
+    for prefix, task, lines in (
+        ("migrate", MIGRATE_TASK, ["applying migration 7", "migration 7 failed: duplicate key"]),
+        ("bootstrap", BOOTSTRAP_TASK, ["bootstrap done"]),
+    ):
+        stream = f"{prefix}/cars-api/{task}"
+        logs.create_log_stream(logGroupName="/ecs/ops-stub", logStreamName=stream)
+        logs.put_log_events(
+            logGroupName="/ecs/ops-stub",
+            logStreamName=stream,
+            logEvents=[
+                {"timestamp": now - 100 + i, "message": json.dumps({"level": "INFO", "message": m})}
+                for i, m in enumerate(lines)
+            ],
+        )
+    return stub
+
+
+def test_logs_of_one_task_print_exactly_its_lines_oldest_first(one_off_logs):
+    result = make("logs", one_off_logs, TASK=MIGRATE_TASK, STREAM_PREFIX="migrate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("  ", 2)[2] for line in lines] == [
+        '{"level": "INFO", "message": "applying migration 7"}',
+        '{"level": "INFO", "message": "migration 7 failed: duplicate key"}',
+    ]
+    assert all(line.split("  ")[1] == MIGRATE_TASK[:8] for line in lines)
+    alone = make("logs", one_off_logs, TASK=BOOTSTRAP_TASK)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.strip().endswith('"bootstrap done"}')
+    assert "migration" not in alone.stdout
+
+
+def test_logs_of_a_task_under_another_prefix_or_without_a_stream_say_so(one_off_logs):
+    result = make("logs", one_off_logs, TASK=MIGRATE_TASK, STREAM_PREFIX="bootstrap")
+    assert result.returncode == 0, result.stderr
+    assert f"No log stream of task {MIGRATE_TASK} under prefix bootstrap" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [
+        ({"TASK": "abc;ls"}, "TASK must be an ECS task id"),
+        ({"TASK": MIGRATE_TASK, "STREAM_PREFIX": "a b"}, "STREAM_PREFIX must be a log stream"),
+    ],
+)
+def test_logs_refuse_a_malformed_task_or_prefix_before_any_aws_call(aws_env, variables, words):
+    result = make("logs", {**aws_env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, **variables)
+    assert result.returncode == 2
+    assert words in result.stderr
+
+
+SECRETS_STUB = {
+    "Resources": {
+        name: {"Type": "AWS::SecretsManager::Secret", "Properties": {"Name": f"ops-stub-{name}"}}
+        for name in ("app", "migration", "rdsca")
+    }
+}
+
+
+@pytest.fixture
+def rotating(stub, moto_url):
+    """A data stack stand-in: app and migration secrets rotate, a migration version is pending."""
+    cfn = client("cloudformation", moto_url)
+    if not any(s["StackName"] == "ops-stub-data" for s in cfn.list_stacks()["StackSummaries"]):
+        cfn.create_stack(StackName="ops-stub-data", TemplateBody=json.dumps(SECRETS_STUB))
+        secrets = client("secretsmanager", moto_url)
+        for name in ("app", "migration"):
+            secrets.rotate_secret(
+                SecretId=f"ops-stub-{name}", RotationRules={"AutomaticallyAfterDays": 30}
+            )
+        secrets.put_secret_value(
+            SecretId="ops-stub-migration",  # pragma: allowlist secret (a name)
+            SecretString="half-rotated",  # pragma: allowlist secret
+            VersionStages=["AWSPENDING"],
+        )
+    return {**stub, "DATA_STACK": "ops-stub-data"}
+
+
+def secret_lines(result):
+    lines = result.stdout.splitlines()
+    start = lines.index("secrets")
+    return {
+        line.split(":")[0].strip(): line for line in lines[start + 1 :] if line.startswith("  ")
+    }
+
+
+def test_status_shows_each_secrets_rotation_and_a_stuck_pending_version(rotating):
+    result = make("status", rotating, PENDING_STUCK_MINUTES="0")
+    assert result.returncode != 0, "a stuck rotation fails make status"
+    found = secret_lines(result)
+    assert re.search(
+        r"ops-stub-app: rotates every 30 days, last \d{4}-\d\d-\d\d \d\d:\d\d:\d\d, next .*, "
+        r"nothing pending$",
+        found["ops-stub-app"],
+    )
+    assert ", STUCK: AWSPENDING since " in found["ops-stub-migration"]
+    assert (
+        "aws secretsmanager rotate-secret --secret-id ops-stub-migration retries"
+        in (found["ops-stub-migration"])
+    )
+    assert "ops-stub-rdsca: no rotation schedule, last changed " in found["ops-stub-rdsca"]
+
+
+def test_status_calls_a_fresh_pending_version_a_rotation_in_progress(rotating):
+    result = make("status", rotating)  # PENDING_STUCK_MINUTES: 60
+    assert result.returncode == 0, result.stderr
+    assert ", rotating now (AWSPENDING since " in secret_lines(result)["ops-stub-migration"]
+
+
+def test_status_refuses_a_stuck_threshold_that_is_not_minutes(aws_env):
+    result = make("status", aws_env, PENDING_STUCK_MINUTES="1h")
+    assert result.returncode == 2
+    assert "PENDING_STUCK_MINUTES must be a number of minutes" in result.stderr

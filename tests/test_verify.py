@@ -96,6 +96,12 @@ CFN_FAILED = {
     " of events leading up to the failure\naws cloudformation describe-stack-events"
     " --stack-name cars-api-service\n",
 }
+ACCESS_DENIED = {
+    "exit": 254,
+    "stderr": "\nAn error occurred (AccessDenied) when calling the DescribeStackResources"
+    " operation:"
+    " User: arn:aws:sts::123456789012:assumed-role/cars-api-deploy/ci is not authorized\n",
+}
 CFN_OK = {"stdout": "\nSuccessfully created/updated stack - cars-api-service\n"}
 
 
@@ -153,6 +159,8 @@ def base_plan(service_stack, services, deploy=None):
             recorded("tasks-migrate-exit-0.json"),
         ],
         "ecs stop-task": [{"stdout": "{}"}],
+        # make status in CI: the deploy role may read no secret, not even which there are.
+        "cloudformation describe-stack-resources cars-api-base": [ACCESS_DENIED],
     }
 
 
@@ -257,8 +265,8 @@ def test_migration_that_exits_1_stops_the_deploy_and_leaves_the_service_alone(re
     result = replay(f"deploy SHA={NEW}", plan)
     assert result.returncode != 0
     assert last_error(result) == (
-        "error: the migration task exited 1 (Essential container in task exited); see make logs "
-        "(stream prefix migration): nothing else changed"
+        "error: the migration task exited 1 (Essential container in task exited); its log: make "
+        "logs TASK=5f0e3c1d2b4a49e8a7c6d5e4f3a2b1c0 STREAM_PREFIX=migrate; nothing else changed"
     )
     assert deploys(result) == []
     assert called(result, "ecs describe-services") == []
@@ -465,6 +473,9 @@ def test_status_shows_the_live_image_counts_deployments_and_url(replay, ready_se
     assert "tasks        1 running / 2 desired" in result.stdout
     assert "ECS deployment circuit breaker: tasks failed to start." in result.stdout
     assert f"url          http://127.0.0.1:{ready_server.server_port}" in result.stdout
+    assert "  (not readable with these credentials: run make status as an operator)" in (
+        result.stdout
+    ), "the deploy role reads no secret: CI's make status still succeeds"
 
 
 def test_status_in_github_actions_writes_the_job_summary_and_url(replay, ready_server, tmp_path):
@@ -508,7 +519,8 @@ def test_a_deploy_in_github_actions_verifies_the_attestation_of_the_digest_first
     assert result.returncode == 0, result.stderr
     assert result.gh == [
         f"attestation verify oci://{REPOSITORY}@{NEW_DIGEST} --repo acme/cars-api "
-        "--signer-workflow acme/cars-api/.github/workflows/ci.yml"
+        "--cert-identity https://github.com/acme/cars-api/.github/workflows/ci.yml@refs/heads/main "
+        "--deny-self-hosted-runners"
     ]
     assert result.engine[0].startswith("login --username AWS --password-stdin 123456789012.dkr")
     assert "verified: " in result.stdout
@@ -783,3 +795,207 @@ def test_timestamps_of_aws_cli_v1_and_v2_read_the_same():
     v1, v2 = 1764262800.0, "2025-11-27T17:00:00+00:00"
     assert deploy_state.when(v1) == deploy_state.when(v2) == "2025-11-27 17:00:00"
     assert deploy_state.sort_key(v1) == deploy_state.sort_key("2025-11-27T17:00:00Z")
+
+
+# make stack-deploy: a failed first create, and a change set that would replace a stateful
+# resource (moto's change sets carry no Replacement; AWS's do, as recorded here). The same paths
+# on moto are in test_deploy.py (the rerun after a failed create, make plan).
+
+GITHUB_IDS = {
+    "GITHUB_REPOSITORY": "acme/cars-api",
+    "GITHUB_REPOSITORY_ID": "4242",
+    "GITHUB_OWNER_ID": "42",
+}
+MISSING = {
+    "exit": 255,
+    "stderr": "\nAn error occurred (ValidationError) when calling the DescribeStacks operation: "
+    "Stack with id {} does not exist\n",
+}
+TAKEN = {
+    "exit": 254,
+    "stderr": "\nAn error occurred (InvalidInput) when calling the CreateServiceLinkedRole "
+    "operation: Service role name AWSServiceRoleForECS has been taken in this account, please "
+    "try a different suffix.\n",
+}
+CREATED = {
+    "stdout": json.dumps({"Id": "arn:aws:cloudformation:eu-west-1:123456789012:changeSet/x/y"})
+}
+
+
+def missing(stack):
+    return {**MISSING, "stderr": MISSING["stderr"].format(stack)}
+
+
+def stack_deploy_plan(**changes):
+    """The answers up to the base stack's change set; tests replace what their scenario changes."""
+    plan = {
+        "sts get-caller-identity": [{"stdout": '{"Account": "123456789012"}'}],
+        "cloudformation describe-stacks cars-api-base": [recorded("stack-base.json")],
+        "cloudformation describe-stacks cars-api-data": [recorded("stack-data.json")],
+        "cloudformation describe-stacks cars-api-ci-access": [missing("cars-api-ci-access")],
+        "iam create-service-linked-role": [TAKEN],
+        "cloudformation create-change-set": [CREATED],
+        "cloudformation describe-change-set cars-api-base": [
+            recorded("changeset-base-replace-repository.json")
+        ],
+        "cloudformation delete-change-set cars-api-base": [{"stdout": ""}],
+        "cloudformation describe-stack-events cars-api-base": [
+            recorded("events-create-failed.json")
+        ],
+    }
+    plan.update(changes)
+    return plan
+
+
+def calls_of(result, command):
+    return [call for call in result.calls if f" {command} " in f" {call} "]
+
+
+# See before you change: a stateful replacement is refused unless ALLOW_REPLACE=true
+
+
+def test_stack_deploy_refuses_a_change_set_that_replaces_the_repository(replay):
+    result = replay("stack-deploy", stack_deploy_plan(), **GITHUB_IDS)
+    assert result.returncode != 0, result.stderr
+    assert last_error(result).startswith(
+        "error: refused: this would REPLACE Repository (AWS::ECR::Repository) of cars-api-base"
+    )
+    assert "ALLOW_REPLACE=true" in last_error(result)
+    assert "  Replace   Repository (AWS::ECR::Repository) cars-api  [RepositoryName]  STATEFUL" in (
+        result.stdout
+    )
+    assert "  Modify    LoadBalancer" in result.stdout
+    assert "  Add       RotationFailedRule (AWS::Events::Rule)" in result.stdout
+    assert calls_of(result, "execute-change-set") == []
+    assert len(calls_of(result, "delete-change-set")) == 1, "the refused change set is deleted"
+
+
+def test_stack_deploy_with_allow_replace_executes_the_change_set(replay):
+    plan = stack_deploy_plan(
+        **{
+            "cloudformation execute-change-set cars-api-base": [{"stdout": ""}],
+            "cloudformation wait cars-api-base": [
+                {"exit": 255, "stderr": "\nWaiter StackUpdateComplete failed: terminal state\n"}
+            ],
+        }
+    )
+    result = replay("stack-deploy ALLOW_REPLACE=true", plan, **GITHUB_IDS)
+    assert len(calls_of(result, "execute-change-set")) == 1
+    assert calls_of(result, "delete-change-set") == []
+    assert last_error(result).startswith("error: stack cars-api-base was not deployed: ")
+
+
+def test_stack_deploy_refuses_an_allow_replace_that_is_not_true_or_false(replay):
+    result = replay("stack-deploy ALLOW_REPLACE=yes", stack_deploy_plan(), **GITHUB_IDS)
+    assert result.returncode != 0
+    assert "ALLOW_REPLACE must be true or false" in result.stderr
+    assert result.calls == []
+
+
+def decide(*args):
+    return subprocess.run(
+        [sys.executable, str(HELPER), *map(str, args)], capture_output=True, text=True, check=False
+    )
+
+
+def test_a_conditional_replacement_of_the_database_is_refused_too(tmp_path):
+    page = recorded("changeset-data-conditional-database.json")
+    (tmp_path / "cars-api-data.changes.1.json").write_text(
+        (ROOT / "tests" / "aws" / page["file"]).read_text()
+    )
+    refused = decide("changes", tmp_path, "cars-api-data", "false", "UPDATE")
+    assert refused.returncode == 4
+    assert "  Replace?  Database (AWS::RDS::DBInstance) cars-api-data" in refused.stdout
+    assert "[DBInstanceClass, StorageEncrypted]  STATEFUL" in refused.stdout
+    assert "  Remove    CaBundleSecret (AWS::SecretsManager::Secret)" in refused.stdout
+    assert "refused: this would REPLACE Database (AWS::RDS::DBInstance)" in refused.stdout
+    allowed = decide("changes", tmp_path, "cars-api-data", "true", "UPDATE")
+    assert allowed.returncode == 0
+    assert "refused" not in allowed.stdout
+
+
+def test_an_empty_change_set_is_no_change(tmp_path):
+    (tmp_path / "cars-api-base.changes.1.json").write_text(
+        (ROOT / "tests" / "aws" / "changeset-empty.json").read_text()
+    )
+    result = decide("changes", tmp_path, "cars-api-base", "false", "UPDATE")
+    assert result.returncode == 5
+    assert result.stdout.strip() == "cars-api-base: no changes"
+
+
+# A fresh account: a failed first create is deleted and created again, or explained
+
+
+def test_a_base_stack_left_rolled_back_by_a_failed_create_is_deleted_and_created_again(replay):
+    plan = stack_deploy_plan(
+        **{
+            "cloudformation describe-stacks cars-api-base": [
+                recorded("stack-base-rollback-complete.json"),
+                recorded("stack-base-rollback-complete.json"),
+                missing("cars-api-base"),
+            ],
+            "cloudformation describe-stacks cars-api-data": [missing("cars-api-data")],
+            "cloudformation describe-stack-resources cars-api-base": [
+                recorded("resources-base-rollback-complete.json")
+            ],
+            "cloudformation delete-stack cars-api-base": [{"stdout": ""}],
+            "cloudformation wait cars-api-base": [{"stdout": ""}],
+            # The run stops at the new change set: what matters is that it is a CREATE.
+            "cloudformation create-change-set": [
+                {"exit": 254, "stderr": "\nAn error occurred (Throttling): stop here\n"}
+            ],
+        }
+    )
+    result = replay("stack-deploy", plan, **GITHUB_IDS)
+    assert "stack cars-api-base is ROLLBACK_COMPLETE from a failed first create" in result.stdout
+    assert "deleting it and creating it again" in result.stdout
+    assert (
+        "kept by its DeletionPolicy (delete it if the create fails on its name): LogGroup "
+        "(AWS::Logs::LogGroup) /ecs/cars-api"
+    ) in result.stdout
+    order = [
+        word
+        for call in result.calls
+        for word in call.split()
+        if word in ("delete-stack", "create-change-set")
+    ]
+    assert order == ["delete-stack", "create-change-set"]
+    assert last_error(result).endswith("stop here")
+
+
+def test_a_data_stack_whose_failed_create_left_the_database_says_exactly_what_to_do(replay):
+    plan = stack_deploy_plan(
+        **{
+            "cloudformation describe-stacks cars-api-data": [
+                recorded("stack-data-rollback-failed.json")
+            ],
+            "cloudformation describe-stack-events cars-api-data": [
+                recorded("events-create-failed.json")
+            ],
+            "cloudformation describe-stack-resources cars-api-data": [
+                recorded("resources-data-rollback-failed.json")
+            ],
+        }
+    )
+    result = replay("stack-deploy", plan, **GITHUB_IDS)
+    assert result.returncode != 0
+    error = last_error(result)
+    assert error.startswith(
+        "error: stack cars-api-data is ROLLBACK_FAILED from a failed first create and still holds "
+        "Database (AWS::RDS::DBInstance) cars-api-data: nothing was changed."
+    )
+    assert (
+        "aws rds modify-db-instance --db-instance-identifier cars-api-data --no-deletion-protection"
+        " --apply-immediately && aws cloudformation delete-stack --stack-name cars-api-data, then "
+        "make stack-deploy again"
+    ) in error
+    assert calls_of(result, "delete-stack") == []
+    assert calls_of(result, "create-change-set") == []
+
+
+@pytest.mark.parametrize("prefix", ["Staging", "1st", "a--b", "staging-", "x" * 21, "a_b"])
+def test_stack_deploy_refuses_a_prefix_no_resource_name_could_take(replay, prefix):
+    result = replay(f"stack-deploy STACK_PREFIX={prefix}", stack_deploy_plan(), **GITHUB_IDS)
+    assert result.returncode != 0
+    assert f"STACK_PREFIX '{prefix}' must be lowercase" in result.stderr
+    assert result.calls == []

@@ -1,8 +1,10 @@
 """The CI/CD workflows keep their contract, and the deploy role trusts what they present.
 
 Contract (README "CI/CD"): tests on every pull request and push, and the one build of the image,
-tested and saved as an artifact; on pushes to main, in the production environment, that artifact
-is pushed (`make push`), attested and deployed by digest (`make deploy`), building nothing;
+tested and saved as an artifact; on pushes to main that artifact is pushed (`make push`), attested
+and deployed by digest (`make deploy`), building nothing, first in the staging environment, then,
+once a reviewer approves, the same artifact in the production environment (each environment has
+its own deploy role, whose ci-access stack trusts only tokens issued to it);
 `make rollback` by hand, the input checked first; the SHA reaches make through env only; releases
 and rollbacks queue apart; AWS through OIDC only where a job deploys; actions pinned to commit SHAs.
 """
@@ -204,13 +206,21 @@ def test_the_test_job_builds_tests_and_saves_one_image_as_an_artifact(ci: dict) 
     assert upload["with"]["if-no-files-found"] == "error"
 
 
-def release_job(ci: dict) -> dict:
-    [job] = jobs_running(ci, "make push")
+RELEASES = {"staging": "staging", "production": "production"}  # job id -> environment
+
+
+def release_job(ci: dict, job_id: str) -> dict:
+    assert len(jobs_running(ci, "make push")) == len(RELEASES), "one release job per environment"
+    job = ci["jobs"][job_id]
+    assert environment_name(job) == RELEASES[job_id]
     return job
 
 
-def test_the_release_job_builds_nothing_and_pushes_the_tested_artifact(ci: dict) -> None:
-    job = release_job(ci)
+@pytest.mark.parametrize("job_id", RELEASES)
+def test_the_release_job_builds_nothing_and_pushes_the_tested_artifact(
+    ci: dict, job_id: str
+) -> None:
+    job = release_job(ci, job_id)
     [test_job] = jobs_running(ci, "make test")
     [upload] = steps_using(test_job, "actions/upload-artifact")
     for step in job["steps"]:
@@ -226,8 +236,9 @@ def test_the_release_job_builds_nothing_and_pushes_the_tested_artifact(ci: dict)
     assert env["IMAGE_ID"] == "${{ needs.test.outputs.image-id }}"
 
 
-def test_the_release_job_attests_the_pushed_digest_before_it_deploys(ci: dict) -> None:
-    job = release_job(ci)
+@pytest.mark.parametrize("job_id", RELEASES)
+def test_the_release_job_attests_the_pushed_digest_before_it_deploys(ci: dict, job_id: str) -> None:
+    job = release_job(ci, job_id)
     push = step_index(job, runs("make push"))
     attest = step_index(job, uses("actions/attest-build-provenance"))
     deploy = step_index(job, runs("make deploy"))
@@ -253,12 +264,18 @@ def test_only_the_release_job_may_write_attestations(workflows: dict[str, dict])
             assert grant is None, f"{name} {job_id}"
 
 
-def test_the_release_job_pushes_and_deploys_the_pushed_commit_sha_from_env(ci: dict) -> None:
-    release = release_job(ci)
+@pytest.mark.parametrize("job_id", RELEASES)
+def test_the_release_job_pushes_and_deploys_the_pushed_commit_sha_from_env(
+    ci: dict, job_id: str
+) -> None:
+    release = release_job(ci, job_id)
     for command in ("make push", "make deploy"):
         step = step_running(release, command)
         assert step["run"].strip() == command
         assert step["env"]["SHA"] == "${{ github.sha }}"
+    for command in ("make push", "make deploy", "make status"):
+        # The environment's own stacks: its STACK_PREFIX variable (empty: the default prefix).
+        assert step_running(release, command)["env"]["STACK_PREFIX"] == "${{ vars.STACK_PREFIX }}"
 
 
 def test_the_sha_never_reaches_make_as_a_command_line_variable(workflows: dict[str, dict]) -> None:
@@ -300,8 +317,9 @@ def test_make_passes_an_environment_sha_untouched_but_expands_a_command_line_one
     assert (tmp_path / "expanded").exists(), "make expands command-line variables"
 
 
-def test_the_release_job_runs_only_after_the_tests_on_pushes_to_main(ci: dict) -> None:
-    release = release_job(ci)
+@pytest.mark.parametrize("job_id", RELEASES)
+def test_the_release_job_runs_only_after_the_tests_on_pushes_to_main(ci: dict, job_id: str) -> None:
+    release = release_job(ci, job_id)
     [test_job] = jobs_running(ci, "make test")
     test_id = next(job_id for job_id, job in ci["jobs"].items() if job is test_job)
     assert test_id in as_list(release["needs"])
@@ -309,11 +327,24 @@ def test_the_release_job_runs_only_after_the_tests_on_pushes_to_main(ci: dict) -
     assert "github.event_name == 'push'" in condition
     assert "github.ref == 'refs/heads/main'" in condition
     assert " || " not in condition
-    assert environment_name(release) == "production"
 
 
-def test_the_release_job_restores_no_cache(ci: dict) -> None:
-    release = release_job(ci)
+def test_production_is_a_promotion_of_what_staging_took_from_the_same_run(ci: dict) -> None:
+    staging, production = release_job(ci, "staging"), release_job(ci, "production")
+    assert "staging" in as_list(production["needs"]), "production only after staging succeeded"
+    assert "production" not in as_list(staging["needs"])
+    for job in (staging, production):
+        [download] = steps_using(job, "actions/download-artifact")
+        assert download["with"]["name"] == "image", "the one tested archive of this run"
+        assert step_running(job, "make push")["env"]["IMAGE_ID"] == (
+            "${{ needs.test.outputs.image-id }}"
+        )
+    assert staging["concurrency"]["group"] != production["concurrency"]["group"]
+
+
+@pytest.mark.parametrize("job_id", RELEASES)
+def test_the_release_job_restores_no_cache(ci: dict, job_id: str) -> None:
+    release = release_job(ci, job_id)
     assert not steps_using(release, "actions/cache")
     for setup in steps_using(release, "actions/setup-python"):
         assert not setup.get("with", {}).get("cache")
@@ -333,7 +364,14 @@ def test_rollback_passes_the_sha_to_make_rollback_only_through_env(rollback: dic
     assert step["run"].strip() == "make rollback"
     assert step["env"]["SHA"] == "${{ inputs.sha }}"
     assert step["env"]["GH_TOKEN"] == "${{ github.token }}"  # noqa: S105 (an expression, not a secret)
-    assert environment_name(job) == "production"
+    assert step["env"]["STACK_PREFIX"] == "${{ vars.STACK_PREFIX }}"
+
+
+def test_rollback_targets_production_unless_staging_is_chosen(rollback: dict) -> None:
+    [job] = jobs_running(rollback, "make rollback")
+    assert environments_of(rollback, job) == {"production", "staging"}
+    choice = rollback["on"]["workflow_dispatch"]["inputs"]["environment"]
+    assert choice["default"] == "production"
 
 
 def test_the_scan_gate_override_of_a_rollback_is_an_explicit_input_off_by_default(
@@ -351,9 +389,11 @@ def test_the_scan_gate_override_of_a_rollback_is_an_explicit_input_off_by_defaul
 def test_the_deploy_freeze_variable_stops_releases_and_never_rollbacks(
     ci: dict, rollback: dict
 ) -> None:
-    release = release_job(ci)
-    for command in ("make push", "make deploy"):
-        assert step_running(release, command)["env"]["DEPLOY_FREEZE"] == "${{ vars.DEPLOY_FREEZE }}"
+    for job_id in RELEASES:
+        release = release_job(ci, job_id)
+        for command in ("make push", "make deploy"):
+            env = step_running(release, command)["env"]
+            assert env["DEPLOY_FREEZE"] == "${{ vars.DEPLOY_FREEZE }}"
     [job] = jobs_running(rollback, "make rollback")
     assert "DEPLOY_FREEZE" not in step_running(job, "make rollback")["env"]
 
@@ -446,7 +486,7 @@ def test_only_the_deploying_jobs_may_request_an_oidc_token(workflows: dict[str, 
         grant = (job.get("permissions") or {}).get("id-token")
         if (name, job_id) in deploying:
             assert grant == "write", f"{name} {job_id} deploys without an OIDC token"
-            assert environment_name(job) == "production", f"{name} {job_id}"
+            assert environments_of(workflows[name], job) <= {"production", "staging"}
         else:
             assert grant is None, f"{name} {job_id} does not deploy, so needs no OIDC token"
 
@@ -492,9 +532,9 @@ def test_a_release_can_never_replace_a_queued_rollback(workflows: dict[str, dict
         concurrency = job["concurrency"]
         assert concurrency["cancel-in-progress"] is False, f"{name} {job_id}"
         assert "${{" not in concurrency["group"], "a fixed group across runs"
-        groups[name] = concurrency["group"]
+        groups.setdefault(name, set()).add(concurrency["group"])
     assert set(groups) == {"ci.yml", "rollback.yml"}
-    assert groups["ci.yml"] != groups["rollback.yml"]
+    assert not groups["ci.yml"] & groups["rollback.yml"]
     # No workflow-level group in rollback.yml that a release could share or displace.
     assert "concurrency" not in workflows["rollback.yml"]
 
@@ -524,11 +564,10 @@ def test_the_workflows_run_make_targets_and_no_deploy_tool_directly(
                 assert "uses" in step or re.search(r"\bmake\b", step["run"]), f"{name} {job_id}"
 
 
-@pytest.mark.parametrize("workflow", ["ci.yml", "rollback.yml"])
-def test_the_deploy_summary_comes_from_make_status(
-    workflows: dict[str, dict], workflow: str
-) -> None:
-    [(_, _, job)] = [entry for entry in deploying_jobs(workflows) if entry[0] == workflow]
+@pytest.mark.parametrize("job_id", ["ci.yml staging", "ci.yml production", "rollback.yml rollback"])
+def test_the_deploy_summary_comes_from_make_status(workflows: dict[str, dict], job_id: str) -> None:
+    name, job_id = job_id.split()
+    job = workflows[name]["jobs"][job_id]
     step = step_running(job, "make status")
     assert step["run"].strip() == "make status"
     assert step["id"] == "summary"
@@ -569,8 +608,8 @@ def deploy_role(template: dict) -> dict:
     return role
 
 
-def trusted_subjects(template: dict) -> tuple[set[str], set[str]]:
-    """(subjects, audiences) the deploy role accepts from the GitHub OIDC provider."""
+def trusted_subjects(template: dict, environment: str = "production") -> tuple[set[str], set[str]]:
+    """(subjects, audiences) the deploy role of one environment accepts from GitHub's OIDC."""
     assert "GitHubRepository" in template["Parameters"]
     document = deploy_role(template)["Properties"]["AssumeRolePolicyDocument"]
     statements = as_list(document["Statement"])
@@ -600,6 +639,7 @@ def trusted_subjects(template: dict) -> tuple[set[str], set[str]]:
             "GitHubRepository": REPOSITORY,
             "GitHubOwnerId": OWNER_ID,
             "GitHubRepositoryId": REPOSITORY_ID,
+            "GitHubEnvironment": environment,
         }
         return {resolve(value, github) for value in raw}
 
@@ -614,30 +654,48 @@ def presented_subjects(workflows: dict[str, dict]) -> set[str]:
             continue
         # The repository's customised subject claim (issue 10): ids, environment, ref and the
         # calling workflow; a job without an environment presents none and is never trusted.
-        environment = environment_name(job) or ""
-        subjects.add(
-            f"repository_owner_id:{OWNER_ID}:repository_id:{REPOSITORY_ID}"
-            f":environment:{environment}:ref:refs/heads/main"
-            f":job_workflow_ref:{REPOSITORY}/.github/workflows/{name}@refs/heads/main"
-        )
+        for environment in environments_of(workflows[name], job) or {""}:
+            subjects.add(
+                f"repository_owner_id:{OWNER_ID}:repository_id:{REPOSITORY_ID}"
+                f":environment:{environment}:ref:refs/heads/main"
+                f":job_workflow_ref:{REPOSITORY}/.github/workflows/{name}@refs/heads/main"
+            )
     return subjects
+
+
+def environments_of(workflow: dict, job: dict) -> set[str]:
+    """The environments a job may run in: its name, or each option of the input that names it."""
+    name = environment_name(job)
+    if not name:
+        return set()
+    found = re.fullmatch(r"\$\{\{ inputs\.([\w-]+) \}\}", name)
+    if not found:
+        return {name}
+    choice = workflow["on"]["workflow_dispatch"]["inputs"][found.group(1)]
+    assert choice["type"] == "choice", "only a fixed list of environments"
+    return set(choice["options"])
 
 
 def test_the_deploy_role_trusts_every_subject_the_workflows_present(
     workflows: dict[str, dict], ci_access_template: dict
 ) -> None:
-    subjects, audiences = trusted_subjects(ci_access_template)
+    subjects, audiences = set(), set()
+    for environment in ("production", "staging"):  # one ci-access stack (deploy role) each
+        found, heard = trusted_subjects(ci_access_template, environment)
+        subjects |= found
+        audiences |= heard
     assert audiences == {"sts.amazonaws.com"}
     presented = presented_subjects(workflows)
     assert presented
     assert presented == subjects, f"refused: {presented - subjects}; unused: {subjects - presented}"
 
 
-def test_the_deploy_role_trusts_only_the_production_environment(
-    ci_access_template: dict,
+@pytest.mark.parametrize("environment", ["production", "staging"])
+def test_each_deploy_role_trusts_only_its_own_environment(
+    ci_access_template: dict, environment: str
 ) -> None:
-    subjects, _ = trusted_subjects(ci_access_template)
-    assert {s.split(":environment:")[1].split(":")[0] for s in subjects} == {"production"}
+    subjects, _ = trusted_subjects(ci_access_template, environment)
+    assert {s.split(":environment:")[1].split(":")[0] for s in subjects} == {environment}
     assert {s.split(":job_workflow_ref:")[1] for s in subjects} == {
         f"{REPOSITORY}/.github/workflows/{name}@refs/heads/main"
         for name in ("ci.yml", "rollback.yml")
