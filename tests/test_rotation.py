@@ -1,8 +1,9 @@
 """Rotating the database password and the API token without a failed request, for real.
 
-The alternating-users scheme: the application identity exists twice (A and A_clone, same
-grants). A rotation sets a new password on the user no server runs as, starts servers with it,
-moves the traffic, stops the old servers, and only then may the other user's password change.
+The alternating-users scheme of the published MySQLMultiUser function: the application identity
+exists twice (A and A_clone, which the first rotation creates with A's grants). A rotation sets
+a new password on the user no server runs as, starts servers with it, moves the traffic, stops
+the old servers, and only then may the other user's password change.
 The API token rotates alongside: the new servers accept the previous token too.
 """
 
@@ -126,13 +127,10 @@ class Balancer:
 
 @pytest.fixture
 def app_users(mysql_database):
-    """Bootstrapped identities with A and A_clone, the schema migrated; dropped at the end."""
+    """Bootstrapped identities, the schema migrated, no clone yet; all dropped at the end."""
     made = Identities()
     made.clone = made.users["APP"] + "_clone"
-    made.clone_password = secrets.token_hex(16)
     try:
-        with root() as conn, conn.cursor() as cur:
-            cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (made.clone, made.clone_password))
         assert bootstrap(made.env())[0] == 0
         assert migrate_as(made, "MIGRATION")[0] == 0
         yield made
@@ -154,6 +152,22 @@ def set_password(user, password):
         cur.execute("ALTER USER %s@'%%' IDENTIFIED BY %s", (user, password))
 
 
+def set_secret(current, pending, password):
+    """Do what the published MySQLMultiUser function's setSecret step does, as the master.
+
+    Create the pending user if it is missing, copy every grant of the current user to it, then
+    set its password (MariaDB takes the PASSWORD() form the function uses for servers below 8).
+    """
+    with root() as conn, conn.cursor() as cur:
+        cur.execute("SELECT User FROM mysql.user WHERE User = %s", (pending,))
+        if cur.rowcount == 0:
+            cur.execute("CREATE USER %s IDENTIFIED BY %s", (pending, password))
+        cur.execute("SHOW GRANTS FOR %s", (current,))
+        for (grant,) in cur.fetchall():
+            cur.execute(grant.split(" TO ")[0].replace("%", "%%") + " TO %s", (pending,))
+        cur.execute("SET PASSWORD FOR %s = PASSWORD(%s)", (pending, password))
+
+
 def wait_for_more(balancer, seconds):
     """Let the load run a while and make sure it made progress."""
     before = balancer.count()
@@ -169,9 +183,9 @@ def test_rotating_the_database_password_and_the_token_under_load_fails_no_reques
     started = time.monotonic()
     with Balancer(server1.port, T1) as balancer:
         wait_for_more(balancer, 1.5)
-        # Rotation step 1: a new password on the user no server runs as.
+        # Rotation step 1, as the function's setSecret: the clone made with A's grants.
         clone_password = secrets.token_hex(16)
-        set_password(app_users.clone, clone_password)
+        set_secret(a, app_users.clone, clone_password)
         wait_for_more(balancer, 0.5)
         # Step 2: new servers as the clone, accepting the new token and the previous one.
         server2 = run_server(
@@ -192,7 +206,8 @@ def test_rotating_the_database_password_and_the_token_under_load_fails_no_reques
         # Step 5: clients pick up the new token; then the next rotation changes A's password.
         balancer.route(token=T2)
         wait_for_more(balancer, 1.5)
-        set_password(a, secrets.token_hex(16))
+        # The next rotation flips back: setSecret on A, whom no server runs as any more.
+        set_secret(app_users.clone, a, secrets.token_hex(16))
         wait_for_more(balancer, 1.0)
     duration = time.monotonic() - started
 
