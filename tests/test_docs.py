@@ -296,6 +296,38 @@ def test_make_commands_in_the_docs_name_real_targets_and_settings():
                         )
 
 
+def walk_through(text):
+    """The commands of the first console block and the output printed under each."""
+    block = re.search(r"^```console\n(.*?)^```", text, re.S | re.M)[1]
+    steps = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append([line[2:], []])
+        elif steps and steps[-1][0].endswith("\\"):
+            steps[-1][0] = steps[-1][0][:-1] + " " + line.strip()
+        elif steps:
+            steps[-1][1].append(line)
+    return steps
+
+
+def test_the_readme_walk_through_answers_exactly_as_printed(run_server):
+    server = run_server()
+    steps = walk_through(text_of(ROOT / "README.md"))
+    assert len(steps) >= 3, steps
+    for command, printed in steps:
+        assert command.startswith("curl "), command
+        assert "http://127.0.0.1:8080/" in command, command
+        live = command.replace("http://127.0.0.1:8080", server.url)
+        done = subprocess.run(
+            ["bash", "-c", f"{live} --silent --show-error"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "\n".join(printed).strip(), f"README: $ {command}"
+
+
 # ------------------------------------------------------------------ rendering basics
 
 
