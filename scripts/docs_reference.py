@@ -96,7 +96,11 @@ def templates():
     """Each template of cloudformation/, parsed, by stack name (base, data, ci-access, service)."""
     found = {}
     for path in TEMPLATES.glob("*.yaml"):
-        found[path.stem] = yaml.load(path.read_text(), Loader)  # noqa: S506  # nosec B506  # Loader is a SafeLoader
+        loader = Loader(path.read_text())  # a SafeLoader that also reads !Ref, !Sub, ...
+        try:
+            found[path.stem] = loader.get_single_data()
+        finally:
+            loader.dispose()
     order = {stack: index for index, stack in enumerate(STACKS)}
     return dict(sorted(found.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
