@@ -121,8 +121,9 @@ test: lint ## Run the linters and the whole test suite (what CI runs).
 QUICK_TESTS := test_api test_idempotency test_schema_validator test_server test_faults \
   test_migrations test_templates test_data_stack test_workflows test_release_gate test_docs
 .PHONY: check
-check: $(DEV) ## The quick loop (under a minute): ruff and the tests without drills, soak, image, AWS emulator.
+check: $(DEV) ## The quick loop (under a minute): ruff, then the quick tests (no drills, soak, image, emulator).
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q $(QUICK_TESTS:%=tests/%.py) $(PYTEST_ARGS)
 
 .PHONY: docs
