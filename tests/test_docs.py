@@ -31,6 +31,12 @@ TOP_LEVEL = {
 TOP_LEVEL |= {"docs"}
 # Settings that tests and the bench read (docs/reference/make.md lists them).
 TEST_SETTINGS = {"CI", "SOAK_SECONDS", "BENCH_DURATION", "BENCH_ROUNDS"}
+# What the branches merged together with this one add, which the docs already describe. Once the
+# merge brings them, test_nothing_the_docs_describe_is_still_pending fails: empty these sets then.
+PENDING_TARGETS = {"plan", "revoke-previous-token", "compose-test", "compose-tool"}
+PENDING_VARIABLES = {"ALLOW_REPLACE", "GITHUB_ENVIRONMENT", "TASK", "STREAM_PREFIX", "UP_TIMEOUT"}
+PENDING_PATHS = {"tests/test_attack_paths.py", "tests/compose"}
+PENDING_TEMPLATE_NAMES = {"Prefix", "DatabaseReady", "GitHubEnvironment", "RotationFailedAlarm"}
 
 
 def text_of(path):
@@ -136,6 +142,26 @@ def make_targets():
     return {name for _, name, _ in docs_reference.make_targets()}
 
 
+def test_nothing_the_docs_describe_is_still_pending():
+    parsed = docs_reference.templates()
+    names = {
+        name
+        for template in parsed.values()
+        for part in template.values()
+        if isinstance(part, dict)
+        for name in part
+    }
+    arrived = (
+        (PENDING_TARGETS & make_targets())
+        | (PENDING_VARIABLES & known_variables())
+        | {path for path in PENDING_PATHS if (ROOT / path).exists()}
+        | (PENDING_TEMPLATE_NAMES & names)
+    )
+    assert not arrived, (
+        f"{sorted(arrived)} exist now: remove them from the PENDING sets of tests/test_docs.py"
+    )
+
+
 def known_variables():
     """Everything a `NAME=value` on a make command line may set: what the Makefile, the
     scripts, cars.py or the tests read."""
@@ -217,11 +243,11 @@ def test_alarm_and_parameter_names_in_the_prose_exist_in_the_templates():
     for path in DOCS:
         for span in code_spans(text_of(path)):
             for alarm in re.findall(r"\b([A-Z][A-Za-z]+Alarm)\b", span):
-                assert alarm in resources, (
+                assert alarm in resources | PENDING_TEMPLATE_NAMES, (
                     f"{name_of(path)} names `{alarm}`, which no template defines"
                 )
             if match := re.fullmatch(r"([A-Z][a-z]+[A-Z][A-Za-z]+)=\S*", span.strip()):
-                assert match[1] in parameters | outputs, (
+                assert match[1] in parameters | outputs | PENDING_TEMPLATE_NAMES, (
                     f"{name_of(path)} names parameter `{match[1]}`, which no template has"
                 )
 
@@ -252,6 +278,8 @@ def test_repository_paths_named_in_the_docs_exist(path):
         token = span.strip().rstrip(".,:")
         if " " in token or "<" in token or "://" in token:
             continue
+        if token in PENDING_PATHS or any(token.startswith(path + "/") for path in PENDING_PATHS):
+            continue
         if token.split("/")[0] in TOP_LEVEL and token not in ("tests", "docs"):
             assert list(ROOT.glob(token)) or (ROOT / token).exists(), (
                 f"{name_of(path)} names `{token}`, which does not exist"
@@ -279,7 +307,7 @@ def test_docs_never_point_outside_the_repository(path):
 
 
 def test_make_commands_in_the_docs_name_real_targets_and_settings():
-    targets, variables = make_targets(), known_variables()
+    targets, variables = make_targets() | PENDING_TARGETS, known_variables() | PENDING_VARIABLES
     for path in DOCS:
         for span in code_spans(text_of(path)):
             for command in re.findall(r"(?:^|[;&|(]\s*|\s)make ([^#`;&|)]*)", span):
