@@ -6,40 +6,71 @@ SHELL := bash
 .DELETE_ON_ERROR:
 MAKEFLAGS += --no-builtin-rules --no-print-directory
 
+## Python (3.11 or newer) that creates the virtualenvs.
 PYTHON ?= python3
+## Where the virtualenvs live.
 VENV ?= .venv
+## Address make run listens on (cars.py's HOST).
 HOST ?= 127.0.0.1
+## Port make run listens on (cars.py's PORT).
 PORT ?= 8080
+## Extra pytest arguments for make test, check and drill, e.g. PYTEST_ARGS='-k idempotency -x'.
 PYTEST_ARGS ?=
+## Container engine: docker, podman, or another docker-compatible command.
 CONTAINER ?= docker
+## Name of the local image (tagged with the commit).
 IMAGE ?= cars-api
+## Base image to build on instead of the Dockerfile's upstream stage (a local stand-in).
 PYTHON_IMAGE ?=
+## Commit to build, push, deploy or roll back (7 to 40 hex characters); required by release, push, deploy, rollback.
 SHA ?=
+## Region of the stacks.
 AWS_REGION ?= eu-west-1
+## First part of the four stack names: STACK_PREFIX=staging runs a second environment.
 STACK_PREFIX ?= cars-api
 # An empty STACK_PREFIX (a GitHub environment without the variable) means the default prefix.
 ifeq ($(strip $(STACK_PREFIX)),)
 override STACK_PREFIX := cars-api
 endif
+## Base stack: network, load balancer, WAF, repository, cluster, roles, alarm topic.
 BASE_STACK ?= $(STACK_PREFIX)-base
+## Data stack: the database, its secrets, rotation, bootstrap and migration tasks.
 DATA_STACK ?= $(STACK_PREFIX)-data
+## Service stack: the ECS service, its autoscaling, alarms and dashboard (one per release).
 SERVICE_STACK ?= $(STACK_PREFIX)-service
+## CI access stack: the GitHub OIDC provider and the deploy role.
 CI_STACK ?= $(STACK_PREFIX)-ci-access
+## Days the log groups and the audit bucket keep logs (make stack-deploy).
 LOG_RETENTION_DAYS ?= 365
+## owner/name of the GitHub repository whose workflows may deploy.
 GITHUB_REPOSITORY ?=
+## Required reviewers of the production environment (make github-setup): logins or team:<org>/<slug>.
 REVIEWERS ?=
+## An image saved by make image-save, which make push loads instead of building.
 IMAGE_ARCHIVE ?=
+## The image ID IMAGE_ARCHIVE must still hold (dist/image.id).
 IMAGE_ID ?=
+## true: make rollback deploys an image the scan gate refuses, and says so.
 ALLOW_VULNERABLE ?=
+## Any text (the incident): push, release and deploy refuse; rollback still works.
 DEPLOY_FREEZE ?=
+## 1: make lock moves every lock to the newest versions its input allows.
 UPGRADE ?=
+## CloudWatch Logs filter pattern for make logs, e.g. FILTER='{ $.status >= 500 }'.
 FILTER ?=
+## Time window of make logs: 15m, 1h, 2d.
 SINCE ?=
+## true: stack-deploy may apply a change set that replaces a database, bucket, repository or secret.
 ALLOW_REPLACE ?=
+## Commit whose image (past the scan gate) the bootstrap and migration tasks run; default: the live one.
 BOOTSTRAP_SHA ?=
+## GitHub environment whose jobs this prefix's deploy role trusts (production, staging, ...).
 GITHUB_ENVIRONMENT ?= production
+## make logs TASK=<task id>: print exactly that ECS task's log (failed bootstraps and migrations name it).
 TASK ?=
+## With TASK: the log stream prefix of that task (migrate, bootstrap, or the service's).
 STREAM_PREFIX ?=
+## true: make rotate-token refuses the old token at once too (someone who knew it left).
 REVOKE_PREVIOUS ?=
 
 # The scripts read their settings from the environment, never from their arguments.
@@ -62,8 +93,9 @@ require_sha = @[[ -n "$${SHA:-}" ]] || { echo "usage: make $@ SHA=<commit sha>  
 ##@ General
 
 .PHONY: help
-help: ## Show this help.
+help: ## Show this help: the targets, then the variables people set.
 	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target> [VAR=value]\n"} /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+	@awk '/^## / { text = substr($$0, 4); next } /^[A-Z][A-Z0-9_]* \?=/ { if (!shown++) printf "\n\033[1mVariables\033[0m (make <target> NAME=value; more per target in docs/reference/make.md)\n"; printf "  \033[36m%-19s\033[0m %s\n", $$1, text } { text = "" }' $(MAKEFILE_LIST)
 
 ##@ Development
 
@@ -97,6 +129,23 @@ migrate: $(RUNTIME) ## Apply pending schema migrations to the store the environm
 .PHONY: test
 test: lint ## Run the linters and the whole test suite (what CI runs).
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The edit-test loop: ruff, then the tests that take seconds: the API on both stores, serving,
+# faults, migrations, the templates and workflows, the release gate and the docs. Left out, for
+# make test and CI: the drills and soak, logging under load, identities and TLS, rotation, the
+# container, the fuzzer, the lock check (asks the package index), and the moto-driven
+# walk-throughs of the AWS and GitHub targets. A new test file joins here once it is quick.
+QUICK_TESTS := test_api test_idempotency test_schema_validator test_server test_faults \
+  test_migrations test_templates test_data_stack test_workflows test_release_gate test_docs
+.PHONY: check
+check: $(DEV) ## The quick loop (under a minute): ruff, then the quick tests (no drills, soak, image, emulator).
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest -q $(QUICK_TESTS:%=tests/%.py) $(PYTEST_ARGS)
+
+.PHONY: docs
+docs: $(DEV) ## Regenerate the tables of docs/reference/ from the Makefile, scripts and templates.
+	$(VENV)/bin/python scripts/docs_reference.py
 
 .PHONY: lint
 lint: $(DEV) ## Run every linter and scanner; each must report zero findings.

@@ -603,20 +603,19 @@ def test_deploy_role_manages_only_the_service_stacks_dashboard():
     assert statement["Resource"] == {"Fn::Sub": arn}
 
 
-def test_readme_says_what_to_look_at_first_for_every_alarm_and_what_operations_cost():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Operations") :]
-    section = section[: section.find("\n## ", 1)]
+def test_docs_say_what_to_look_at_first_for_every_alarm_and_what_operations_cost():
+    section = (ROOT / "docs/reference/alarms.md").read_text()
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     for name, template in all_templates().items():
         for alarm in resources_of(template, "AWS::CloudWatch::Alarm"):
             (row,) = [r for r in rows if re.match(rf"\| [^|]*`{alarm}`", r)] or [None]
-            assert row, f"{name} {alarm} has no row in the Operations alarm table"
+            assert row, f"{name} {alarm} has no row in docs/reference/alarms.md"
             assert len([cell for cell in row.split(" | ") if cell.strip()]) == 4, row
     for words in ("make dashboard", "make logs FILTER=", "SINCE=", "**365**", "SSE-S3"):
         assert words in section, words
-    costs = readme[readme.index("\n### Monthly cost") :]
-    costs = costs[: costs.find("\n### ", 1)]
+    costs = (ROOT / "docs/reference/costs.md").read_text()
+    costs = costs[costs.index("\n## The defaults") :]
+    costs = costs[: costs.find("\n## ", 1)]
     items = {line.split("|")[1].strip() for line in costs.splitlines() if line.startswith("| ")}
     for item in ("Log ingestion", "Log storage", "Log metrics", "Audit bucket", "Flow logs"):
         assert item in items, item
