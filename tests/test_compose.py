@@ -389,3 +389,18 @@ def test_make_up_refuses_an_env_without_a_token_and_starts_nothing(clone, fake_e
     assert "API_TOKEN in .env is empty" in done.stderr
     assert (clone / ".env").read_text() == template
     assert calls == []
+
+
+def test_the_walk_through_the_compose_test_runs_is_the_one_the_readme_prints():
+    readme = (ROOT / "README.md").read_text()
+    printed = [
+        FROM_ENV,
+        POST_GOLF,
+        POST_TCROSS,
+        LIST,
+        PUT_POLO,
+        json.dumps(GOLF, separators=(",", ":")),
+        json.dumps([POLO, TCROSS], separators=(",", ":")),
+    ]
+    missing = [line for line in printed if line not in readme]
+    assert not missing, f"the README no longer prints {missing}: change the test with it"

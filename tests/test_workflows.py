@@ -1,6 +1,6 @@
 """The CI/CD workflows keep their contract, and the deploy role trusts what they present.
 
-Contract (README "CI/CD"): tests on every pull request and push, and the one build of the image,
+Contract (docs/explanation/release-pipeline.md): tests on every pull request and push, and the one build of the image,
 tested and saved as an artifact; on pushes to main that artifact is pushed (`make push`), attested
 and deployed by digest (`make deploy`), building nothing, first in the staging environment, then,
 once a reviewer approves, the same artifact in the production environment (each environment has
