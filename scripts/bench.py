@@ -615,7 +615,8 @@ def ceiling_row(runs: list[Row]) -> Row:
 
 def print_report(report: Report, seconds: int) -> list[str]:
     ceiling = ceiling_row(report.ceilings)
-    # One Markdown table, aligned for the terminal: docs/explanation/performance.md pastes it as it is.
+    # One Markdown table, aligned for the terminal, pasted as it is into
+    # docs/explanation/performance.md.
     columns = [
         ("store", 6, lambda r: r.store),
         ("scenario", 22, lambda r: r.scenario),

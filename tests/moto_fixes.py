@@ -12,7 +12,8 @@ logical id, so two stacks' secrets collided). And a resource that fails while a 
 creates a stack raises out of moto's ExecuteChangeSet; AWS instead rolls the create back: it
 deletes what it made (except DeletionPolicy Retain), records the resource's CREATE_FAILED event
 and leaves the stack ROLLBACK_COMPLETE. Nothing else of moto changes. What only AWS shows (the
-secret RDS creates, the rotation functions of the transform) is listed in docs/explanation/testing.md.
+secret RDS creates, the rotation functions of the transform) is listed in
+docs/explanation/testing.md.
 """
 
 import contextlib

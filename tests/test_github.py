@@ -2,7 +2,8 @@
 
 gh is replaced by tests/github/fake_gh.py, first on PATH: it replays GitHub's recorded answers
 (tests/github/*.json, in the shapes of the GitHub REST API) and logs every call, so the tests see
-the exact requests the real scripts make. What only a real repository shows is in docs/explanation/testing.md.
+the exact requests the real scripts make. What only a real repository shows is in
+docs/explanation/testing.md.
 """
 
 import json

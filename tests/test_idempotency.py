@@ -369,9 +369,7 @@ def test_two_processes_on_one_sqlite_file_make_one_car_per_key(run_server, tmp_p
         assert len({car_id for _, car_id in got}) == 1, (key, got)
 
 
-def test_a_key_stored_unscoped_by_the_previous_release_still_replays_after_the_upgrade(
-    testapp, db
-):
+def test_a_key_stored_unscoped_by_the_previous_release_still_replays_after_the_upgrade(testapp, db):
     key = new_key()
     made = db.execute(
         "INSERT INTO cars (brand, model, year) VALUES (%s, %s, %s)", tuple(GOLF.values())

@@ -1,9 +1,10 @@
 """The supply chain of the build: every package locked with hashes, stale locks caught, updates.
 
-Contract (docs/reference/dependencies.md and container.md): `make lock` turns each tests/requirements*.in
-into a hashed lock (tests/requirements-runtime.in into requirements.txt); every venv and the image
-install with pip's --require-hashes; `make lint` fails when a lock no longer follows from its
-input; Dependabot watches the actions, the locks and the base image; CODEOWNERS guard the build.
+Contract (docs/reference/dependencies.md and container.md): `make lock` turns each
+tests/requirements*.in into a hashed lock (tests/requirements-runtime.in into requirements.txt);
+every venv and the image install with pip's --require-hashes; `make lint` fails when a lock no
+longer follows from its input; Dependabot watches the actions, the locks and the base image;
+CODEOWNERS guard the build.
 """
 
 import os

@@ -1,12 +1,13 @@
 """The CI/CD workflows keep their contract, and the deploy role trusts what they present.
 
-Contract (docs/explanation/release-pipeline.md): tests on every pull request and push, and the one build of the image,
-tested and saved as an artifact; on pushes to main that artifact is pushed (`make push`), attested
-and deployed by digest (`make deploy`), building nothing, first in the staging environment, then,
-once a reviewer approves, the same artifact in the production environment (each environment has
-its own deploy role, whose ci-access stack trusts only tokens issued to it);
-`make rollback` by hand, the input checked first; the SHA reaches make through env only; releases
-and rollbacks queue apart; AWS through OIDC only where a job deploys; actions pinned to commit SHAs.
+Contract (docs/explanation/release-pipeline.md): tests on every pull request and push, and the one
+build of the image, tested and saved as an artifact; on pushes to main that artifact is pushed
+(`make push`), attested and deployed by digest (`make deploy`), building nothing, first in the
+staging environment, then, once a reviewer approves, the same artifact in the production
+environment (each environment has its own deploy role, whose ci-access stack trusts only tokens
+issued to it); `make rollback` by hand, the input checked first; the SHA reaches make through env
+only; releases and rollbacks queue apart; AWS through OIDC only where a job deploys; actions pinned
+to commit SHAs.
 """
 
 import json
