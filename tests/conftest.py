@@ -294,12 +294,18 @@ def ci():
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory):
     """moto's server on a free port of 127.0.0.1, for one test module."""
+    yield from moto_server(tmp_path_factory, MOTO)
+
+
+def moto_server(tmp_path_factory, script, env=None):
+    """Run a moto server script on a free port of 127.0.0.1; yield its URL, then stop it."""
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen(
-        [str(VENV_BIN / "python"), str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
+        [str(VENV_BIN / "python"), str(script), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -6,14 +6,11 @@ it moto drops every output of the base stack, so nothing can import them).
 """
 
 import json
-import os
-import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from conftest import MOTO, TEMPLATES, VENV_BIN, client, free_port
+from conftest import MOTO, TEMPLATES, client, moto_server
 
 PREFIXES = ("cars-api", "staging")
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -109,27 +106,8 @@ def deploy_environment(cfn, prefix, create_oidc_provider):
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory):
     """This file's moto server on a free port of 127.0.0.1, for this module."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    server = [str(VENV_BIN / "python"), __file__, "-H", "127.0.0.1", "-p", str(port)]
     root = {"PYTHONPATH": str(TEMPLATES.parent)}  # conftest, imported by this file, imports cars
-    proc = subprocess.Popen(
-        server, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **root}
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto server did not start (see {log.name})")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    yield from moto_server(tmp_path_factory, __file__, root)
 
 
 @pytest.fixture(scope="module")
