@@ -798,28 +798,26 @@ def missing_previous(describe_doc) -> str:
     stages = (describe_doc or {}).get("VersionIdsToStages") or {}
     if any("AWSPREVIOUS" in labels for labels in stages.values()):
         return ""
-    current = [version for version, labels in stages.items() if "AWSCURRENT" in labels]
-    if not current:
-        raise StateError("the secret has no AWSCURRENT version")
-    return current[0]
+    return current_version(describe_doc)
+
+
+def staged_version(describe_doc, stage) -> str:
+    """The version id that carries a staging label (AWSCURRENT, AWSPREVIOUS)."""
+    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
+    for version, labels in stages.items():
+        if stage in labels:
+            return version
+    raise StateError(f"the secret has no {stage} version")
 
 
 def current_version(describe_doc) -> str:
     """The version id that carries AWSCURRENT."""
-    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
-    for version, labels in stages.items():
-        if "AWSCURRENT" in labels:
-            return version
-    raise StateError("the secret has no AWSCURRENT version")
+    return staged_version(describe_doc, "AWSCURRENT")
 
 
 def previous_version(describe_doc) -> str:
     """The version id that carries AWSPREVIOUS."""
-    stages = (describe_doc or {}).get("VersionIdsToStages") or {}
-    for version, labels in stages.items():
-        if "AWSPREVIOUS" in labels:
-            return version
-    raise StateError("the secret has no AWSPREVIOUS version")
+    return staged_version(describe_doc, "AWSPREVIOUS")
 
 
 # CloudWatch Logs
