@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,10 @@ TEMPLATES = ROOT / "cloudformation"
 VENV_BIN = ROOT / ".venv" / "bin"
 MOTO = ROOT / "tests" / "moto_fixes.py"  # moto's server with the gaps data.yaml meets filled
 REGION = "eu-west-1"
+# The settings the Makefile exports to its recipes (and so to the pytest that make test runs).
+MAKEFILE_EXPORTS = frozenset(
+    " ".join(re.findall(r"^export (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)).split()
+)
 MOTO_KEY = "testing"  # pragma: allowlist secret -- moto's placeholder credential
 
 
@@ -327,7 +332,13 @@ def moto_server(tmp_path_factory, script, env=None):
 def aws_env(moto_url, tmp_path_factory):
     """The environment of a user pointed at moto: test credentials, no profile or config files."""
     home = tmp_path_factory.mktemp("home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    # Under make test, pytest inherits every setting the Makefile exports (STACK_PREFIX and the
+    # four stack names derived from it among them): a user's shell has none of them.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("AWS_") and k not in MAKEFILE_EXPORTS
+    }
     env.update(
         {
             "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
