@@ -26,7 +26,7 @@ PYTHON_IMAGE ?=
 SHA ?=
 ## Region of the stacks.
 AWS_REGION ?= eu-west-1
-## First part of the four stack names: STACK_PREFIX=staging runs a second environment.
+## First part of the four stack names (each must start with it): STACK_PREFIX=staging runs a second environment.
 STACK_PREFIX ?= cars-api
 # An empty STACK_PREFIX (a GitHub environment without the variable) means the default prefix.
 ifeq ($(strip $(STACK_PREFIX)),)

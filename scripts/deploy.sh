@@ -36,6 +36,7 @@ override() {
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
   check_sha
+  check_prefix
   local allow tag digest  # assigned apart from `local` so that a failure stops the script
   allow=$(override)
   require_tools aws python3 curl

@@ -405,10 +405,20 @@ deploy_release() {
 }
 
 # STACK_PREFIX names ECR repositories, buckets and RDS identifiers: lowercase, 20 characters.
+# Every stack name starts with it: a parent make exports all four names, derived from its own
+# prefix, and a STACK_PREFIX=staging run that kept one would write staging into production.
 check_prefix() {
+  local variable name
   [[ "$STACK_PREFIX" =~ ^[a-z][a-z0-9]*(-[a-z0-9]+)*$ && ${#STACK_PREFIX} -le 20 ]] \
     || usage_error "STACK_PREFIX '$STACK_PREFIX' must be lowercase letters and digits in words" \
       "joined by single hyphens, starting with a letter, at most 20 characters (staging, cars-api)"
+  for variable in BASE_STACK DATA_STACK SERVICE_STACK CI_STACK; do
+    name=${!variable}
+    [[ "$name" == "$STACK_PREFIX"-* ]] \
+      || usage_error "$variable=$name is not a stack of STACK_PREFIX=$STACK_PREFIX: every stack" \
+        "name starts with '$STACK_PREFIX-'; unset $variable (it follows STACK_PREFIX) or set it" \
+        "to a $STACK_PREFIX- name. Nothing was changed"
+  done
 }
 
 # "Prefix=$STACK_PREFIX" when template $1 (a file name in cloudformation/) declares Prefix.

@@ -87,6 +87,7 @@ publish_outputs() {
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
   check_sha
+  check_prefix
   require_tools aws python3 curl "$CONTAINER"
   require_credentials
   load_base

@@ -62,6 +62,7 @@ roll_tasks() {
 
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
+  check_prefix
   local revoke=false roll=false secret version
   if flag REVOKE_PREVIOUS false; then revoke=true; fi
   if flag ROLL_TASKS true; then roll=true; fi

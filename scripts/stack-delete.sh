@@ -80,6 +80,7 @@ survivors() {
 
 main() {
   [[ $# -eq 0 ]] || usage_error "unexpected arguments: $*"
+  check_prefix
   require_tools aws python3
   require_credentials
   local service=false ci=false data=false base=false

@@ -248,6 +248,36 @@ def test_missing_base_stack_says_to_run_stack_deploy(aws_env):
     )
 
 
+# A parent make exports all four stack names, derived from its own STACK_PREFIX: a child run with
+# STACK_PREFIX=staging that kept one of them would write staging's settings into production.
+@pytest.mark.parametrize(
+    ("target", "variable", "leaked"),
+    [
+        ("stack-deploy", "BASE_STACK", "cars-api-base"),
+        ("stack-deploy", "DATA_STACK", "cars-api-data"),
+        ("stack-deploy", "SERVICE_STACK", "cars-api-service"),
+        ("stack-deploy", "CI_STACK", "cars-api-ci-access"),
+        ("release", "SERVICE_STACK", "cars-api-service"),
+        ("deploy", "BASE_STACK", "cars-api-base"),
+        ("rollback", "SERVICE_STACK", "cars-api-service"),
+        ("rotate-token", "DATA_STACK", "cars-api-data"),
+        ("stack-delete", "BASE_STACK", "cars-api-base"),
+    ],
+)
+def test_a_stack_name_of_another_prefix_is_refused_before_any_aws_call(
+    target, variable, leaked, aws_env
+):
+    # No aws CLI on this PATH: a run that reached AWS would fail on that instead.
+    env = {**aws_env, "PATH": "/usr/bin:/bin", "STACK_PREFIX": "staging", variable: leaked}
+    result = make(target, env, SHA=SHA_A, **GITHUB)
+    assert result.returncode == 2, result.stderr
+    assert error_line(result) == (
+        f"error: {variable}={leaked} is not a stack of STACK_PREFIX=staging: every stack name"
+        f" starts with 'staging-'; unset {variable} (it follows STACK_PREFIX) or set it to a"
+        " staging- name. Nothing was changed"
+    )
+
+
 def test_stack_deploy_refuses_a_malformed_github_repository(aws_env):
     result = make("stack-deploy", aws_env, **{**GITHUB, "GITHUB_REPOSITORY": "not a repo"})
     assert result.returncode == 2
@@ -399,7 +429,7 @@ def test_stack_deploy_creates_the_base_stack_resources(base_stack, moto_url):
 
 
 def test_stack_deploy_warns_when_plaintext_writes_are_on(aws_env, moto_url):
-    env = {**aws_env, "AWS_REGION": "us-east-2", "BASE_STACK": "demo-base"}
+    env = {**aws_env, "AWS_REGION": "us-east-2", "STACK_PREFIX": "demo"}
     result = make("stack-deploy", env, ALLOW_PLAINTEXT_WRITES="true", **GITHUB)
     assert result.returncode == 0, result.stderr
     assert "WARNING: AllowPlaintextWrites is on" in result.stderr
@@ -671,15 +701,17 @@ def test_stack_delete_without_confirmation_deletes_nothing(stub, moto_url):
 def test_stack_delete_with_confirmation_deletes_and_says_what_survives(aws_env, moto_url):
     cfn = client("cloudformation", moto_url, region="eu-central-1")
     template = {"Resources": STUB["Resources"], "Outputs": STUB["Outputs"]}
-    cfn.create_stack(StackName="doomed", TemplateBody=json.dumps(template))
-    env = {**aws_env, "AWS_REGION": "eu-central-1", "BASE_STACK": "doomed"}
-    result = make("stack-delete", env, CONFIRM="doomed")
+    cfn.create_stack(StackName="cars-api-doomed", TemplateBody=json.dumps(template))
+    env = {**aws_env, "AWS_REGION": "eu-central-1", "BASE_STACK": "cars-api-doomed"}
+    result = make("stack-delete", env, CONFIRM="cars-api-doomed")
     assert result.returncode == 0, result.stderr
     assert "What survives, on purpose:" in result.stdout
     assert "ECR repository cars-api-stub with its images" in result.stdout
-    assert not stack_exists(cfn, "doomed")
-    nothing = make("stack-delete", env, CONFIRM="doomed")
-    assert "nothing to delete: neither cars-api-service nor doomed exists" in error_line(nothing)
+    assert not stack_exists(cfn, "cars-api-doomed")
+    nothing = make("stack-delete", env, CONFIRM="cars-api-doomed")
+    assert "nothing to delete: neither cars-api-service nor cars-api-doomed exists" in error_line(
+        nothing
+    )
 
 
 def test_every_stack_deploy_setting_names_a_parameter_of_its_stack():

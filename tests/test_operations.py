@@ -756,7 +756,12 @@ def stub(aws_env, moto_url):
             {"timestamp": now - 500, "message": "filter text: $.status, as typed"},
         ],
     )
-    return {**aws_env, "BASE_STACK": "ops-stub", "SERVICE_STACK": "ops-stub-service"}
+    return {
+        **aws_env,
+        "STACK_PREFIX": "ops",
+        "BASE_STACK": "ops-stub",
+        "SERVICE_STACK": "ops-stub-service",
+    }
 
 
 def test_logs_with_a_filter_and_a_window_print_readable_matching_lines(stub):
@@ -868,7 +873,12 @@ def test_stack_delete_says_the_audit_bucket_survives(aws_env, moto_url):
     bucket = cfn.describe_stack_resource(StackName="ops-doomed", LogicalResourceId="AuditBucket")[
         "StackResourceDetail"
     ]["PhysicalResourceId"]
-    env = {**aws_env, "BASE_STACK": "ops-doomed", "SERVICE_STACK": "ops-doomed-service"}
+    env = {
+        **aws_env,
+        "STACK_PREFIX": "ops",
+        "BASE_STACK": "ops-doomed",
+        "SERVICE_STACK": "ops-doomed-service",
+    }
     result = make("stack-delete", env, CONFIRM="ops-doomed")
     assert result.returncode == 0, result.stderr
     assert f"  - S3 bucket {bucket} with the load balancer and VPC flow logs" in result.stdout
