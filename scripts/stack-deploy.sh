@@ -23,8 +23,8 @@ one that replaces a database, bucket, repository or secret is refused unless ALL
 make plan prints the change sets of every stack (and of the service stack for SHA) and deletes
 them: nothing changes. Creates or updates the base stack (cloudformation/base.yaml), the data stack (cloudformation/
 data.yaml), then the CI access stack (cloudformation/ci-access.yaml: the GitHub OIDC provider and
-the deploy role). After the data stack it writes the regional RDS CA bundle into its secret (only
-when it changed), makes sure the API token has an AWSPREVIOUS version, and runs the bootstrap task
+the deploy role). After the data stack it writes the regional RDS CA bundle (fetched and checked
+before any stack changes) into its secret (only when it changed), makes sure the API token has an AWSPREVIOUS version, and runs the bootstrap task
 (creates the database, the migration and app users, and their grants; idempotent) with the image
 BOOTSTRAP_SHA names once it passes the scan gate and (in GitHub Actions) the attestation check,
 else the digest the service runs now; never merely the newest image (no release and no
@@ -203,12 +203,11 @@ resource_id() {
     --query "StackResources[?LogicalResourceId=='$2'].PhysicalResourceId | [0]" | sed '/^None$/d'
 }
 
-# Writes the regional RDS CA bundle (or RDS_CA_BUNDLE) into the data stack's CA secret, after
-# checking that it is PEM certificates and nothing else, and only when it changed.
-refresh_ca_bundle() {
-  local secret bundle="$WORK/rds-ca.pem" count
-  secret=$(resource_id "$DATA_STACK" CaBundleSecret)
-  [[ -n "$secret" ]] || die "stack $DATA_STACK has no CaBundleSecret"
+# Fetches the regional RDS CA bundle (or takes RDS_CA_BUNDLE) into $WORK/rds-ca.pem and checks
+# that it is PEM certificates and nothing else, before any stack changes: a bad file or an
+# unreachable truststore stops the deploy with nothing changed.
+fetch_ca_bundle() {
+  local bundle="$WORK/rds-ca.pem"
   if [[ -n "${RDS_CA_BUNDLE:-}" ]]; then
     [[ -f "$RDS_CA_BUNDLE" ]] || usage_error "RDS_CA_BUNDLE: no file at $RDS_CA_BUNDLE"
     cp "$RDS_CA_BUNDLE" "$bundle"
@@ -216,15 +215,23 @@ refresh_ca_bundle() {
     local url="https://truststore.pki.rds.amazonaws.com/$AWS_REGION/$AWS_REGION-bundle.pem"
     curl -fsS --max-time 30 --proto '=https' -o "$bundle" "$url" 2>"$WORK/curl.err" \
       || die "cannot fetch the RDS CA bundle from $url: $(last_line "$WORK/curl.err")" \
-        "(or pass RDS_CA_BUNDLE=<file>)"
+        "(or pass RDS_CA_BUNDLE=<file>); nothing was changed"
   fi
-  count=$(grep -c -- '-----BEGIN CERTIFICATE-----' "$bundle" || true)
-  if ((count == 0)) || grep -q -- 'PRIVATE KEY' "$bundle" \
-    || [[ "$(grep -c -- '-----END CERTIFICATE-----' "$bundle")" != "$count" ]] \
+  CA_COUNT=$(grep -c -- '-----BEGIN CERTIFICATE-----' "$bundle" || true)
+  if ((CA_COUNT == 0)) || grep -q -- 'PRIVATE KEY' "$bundle" \
+    || [[ "$(grep -c -- '-----END CERTIFICATE-----' "$bundle")" != "$CA_COUNT" ]] \
     || ! openssl crl2pkcs7 -nocrl -certfile "$bundle" 2>/dev/null \
       | openssl pkcs7 -print_certs -noout >/dev/null 2>&1; then
-    die "the RDS CA bundle ${RDS_CA_BUNDLE:-from AWS} is not a file of PEM certificates; nothing written"
+    die "the RDS CA bundle ${RDS_CA_BUNDLE:-from AWS} is not a file of PEM certificates;" \
+      "nothing was changed"
   fi
+}
+
+# Writes the bundle fetch_ca_bundle checked into the data stack's CA secret, when it changed.
+refresh_ca_bundle() {
+  local secret bundle="$WORK/rds-ca.pem" count="$CA_COUNT"
+  secret=$(resource_id "$DATA_STACK" CaBundleSecret)
+  [[ -n "$secret" ]] || die "stack $DATA_STACK has no CaBundleSecret"
   aws_ secretsmanager get-secret-value --secret-id "$secret" --query SecretString \
     --output text >"$WORK/ca-current.pem" 2>/dev/null || : >"$WORK/ca-current.pem"
   if [[ "$(cat "$WORK/ca-current.pem")" == "$(cat "$bundle")" ]]; then
@@ -547,6 +554,7 @@ main() {
   ids=$(github_ids "$repo")
   require_tools aws python3 curl openssl
   require_credentials
+  fetch_ca_bundle
   check_stacks
   ensure_service_linked_roles
   say "Deploying stack $BASE_STACK in $AWS_REGION"

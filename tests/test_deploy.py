@@ -632,15 +632,16 @@ def test_stack_deploy_writes_only_pem_certificates_into_the_ca_bundle(aws_env, m
         result = make("stack-deploy", {**env, "RDS_CA_BUNDLE": str(bad)}, **GITHUB)
         assert result.returncode != 0
         assert error_line(result) == (
-            f"error: the RDS CA bundle {bad} is not a file of PEM certificates; nothing written"
+            f"error: the RDS CA bundle {bad} is not a file of PEM certificates; nothing was changed"
         )
-        secret = resources(cfn, "cars-api-data")["CaBundleSecret"]
-        stored = secrets.get_secret_value(SecretId=secret)["SecretString"]
-        assert "BEGIN" not in stored, "the placeholder is still there"
+        # The bundle is checked before anything changes: no stack, no secret.
+        assert cfn.list_stacks()["StackSummaries"] == []
+        assert secrets.list_secrets()["SecretList"] == []
     two = pem_bundle(tmp_path / "two.pem", "Old root", "New root")
     result = make("stack-deploy", {**env, "RDS_CA_BUNDLE": str(two)}, **GITHUB)
     assert result.returncode == 0, result.stderr
     assert "Wrote the RDS CA bundle (2 certificates)" in result.stdout
+    secret = resources(cfn, "cars-api-data")["CaBundleSecret"]
     assert secrets.get_secret_value(SecretId=secret)["SecretString"] == two.read_text()
 
 
