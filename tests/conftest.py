@@ -364,3 +364,20 @@ def client(service, moto_url, region=REGION):
         aws_access_key_id="testing",
         aws_secret_access_key=MOTO_KEY,
     )
+
+
+OPENSSL_CA = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+
+
+def pem_bundle(path, *names):
+    """A file of self-signed PEM certificates, one per name (a stand-in RDS CA bundle)."""
+    parts = []
+    for name in names:
+        subprocess.run(
+            [*OPENSSL_CA, "-subj", f"/CN={name}", "-keyout", f"{path}.key", "-out", f"{path}.one"],
+            check=True,
+            capture_output=True,
+        )
+        parts.append(Path(str(path) + ".one").read_text())
+    path.write_text("".join(parts))
+    return path

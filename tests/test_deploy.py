@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from cfnlint.decode import decode
-from conftest import REGION, ROOT, client, image_manifest
+from conftest import REGION, ROOT, client, image_manifest, pem_bundle
 from test_verify import ENGINE
 
 SHA_A = "aaaa1111aaaa1111aaaa1111aaaa1111aaaa1111"
@@ -94,23 +94,6 @@ DATA_STUB = {
     },
     "Outputs": {"MigrationTaskFamily": {"Value": MIGRATE_FAMILY}},
 }
-
-
-OPENSSL_CA = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-
-
-def pem_bundle(path, *names):
-    """A file of self-signed PEM certificates, one per name (a stand-in RDS CA bundle)."""
-    parts = []
-    for name in names:
-        subprocess.run(
-            [*OPENSSL_CA, "-subj", f"/CN={name}", "-keyout", f"{path}.key", "-out", f"{path}.one"],
-            check=True,
-            capture_output=True,
-        )
-        parts.append(Path(str(path) + ".one").read_text())
-    path.write_text("".join(parts))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT, image_manifest
+from conftest import ROOT, image_manifest, pem_bundle
 
 RECORDED = ROOT / "tests" / "aws"
 HELPER = ROOT / "scripts" / "deploy_state.py"
@@ -164,8 +164,14 @@ def base_plan(service_stack, services, deploy=None):
     }
 
 
+@pytest.fixture(scope="module")
+def ca_bundle(tmp_path_factory):
+    """A stand-in RDS CA bundle: stack-deploy reads it instead of downloading AWS's."""
+    return pem_bundle(tmp_path_factory.mktemp("ca") / "rds-ca.pem", "Test RDS root CA")
+
+
 @pytest.fixture
-def replay(tmp_path, ready_server):
+def replay(tmp_path, ready_server, ca_bundle):
     """Run a make target with `aws` answering from a plan of recorded responses."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -187,6 +193,7 @@ def replay(tmp_path, ready_server):
             "POLL_SECONDS": "0",
             "READY_INTERVAL": "0",
             "CONTAINER": str(bin_dir / "engine"),
+            "RDS_CA_BUNDLE": str(ca_bundle),  # stack-deploy checks it before any AWS call
             **env,
         }
         result = subprocess.run(
