@@ -174,6 +174,11 @@ find_task_image() {
   [[ ! "${BOOTSTRAP_SHA:-0000000}" =~ ^[0-9a-f]{7,40}$ ]] \
     && usage_error "BOOTSTRAP_SHA '$BOOTSTRAP_SHA' is not a commit SHA (7 to 40 lowercase hex)"
   TASK_IMAGE=
+  if [[ ! -s "$WORK/$BASE_STACK.json" ]]; then
+    [[ -z "${BOOTSTRAP_SHA:-}" ]] || usage_error "BOOTSTRAP_SHA: stack $BASE_STACK does not exist" \
+      "yet, so its repository holds no image; run make stack-deploy without it first"
+    return 0
+  fi
   REPOSITORY_NAME=$(resource_id "$BASE_STACK" Repository)
   [[ -n "$REPOSITORY_NAME" ]] || return 0
   REPOSITORY_URI=$(awsq ecr describe-repositories --repository-names "$REPOSITORY_NAME" \
@@ -556,6 +561,7 @@ main() {
   require_credentials
   fetch_ca_bundle
   check_stacks
+  find_task_image
   ensure_service_linked_roles
   say "Deploying stack $BASE_STACK in $AWS_REGION"
   base_parameters >"$WORK/base.parameters"
@@ -564,7 +570,6 @@ main() {
   "$ROOT/scripts/default-sg.sh"
   warn_plaintext_writes
   say "Deploying stack $DATA_STACK in $AWS_REGION"
-  find_task_image
   data_parameters >"$WORK/data.parameters"
   deploy_stack "$DATA_STACK" data.yaml <"$WORK/data.parameters"
   refresh_ca_bundle

@@ -938,6 +938,19 @@ def test_a_staging_prefix_deploys_beside_the_default_sharing_no_named_resource(
     assert len(iam.list_open_id_connect_providers()["OpenIDConnectProviderList"]) == 1
 
 
+def test_bootstrap_sha_before_the_base_stack_exists_is_refused_before_any_change(aws_env, moto_url):
+    env = {**aws_env, "AWS_REGION": "sa-east-1"}
+    result = make("stack-deploy", env, BOOTSTRAP_SHA=SHA_A, **GITHUB)
+    assert result.returncode == 2, result.stderr
+    assert error_line(result) == (
+        "error: BOOTSTRAP_SHA: stack cars-api-base does not exist yet, so its repository holds no"
+        " image; run make stack-deploy without it first"
+    )
+    assert (
+        client("cloudformation", moto_url, region="sa-east-1").list_stacks()["StackSummaries"] == []
+    )
+
+
 def test_stack_deploy_never_bootstraps_with_the_newest_image_and_refuses_an_unscanned_one(
     base_stack, aws_env, moto_url
 ):

@@ -840,6 +840,12 @@ def stack_deploy_plan(**changes):
         "cloudformation describe-stacks cars-api-base": [recorded("stack-base.json")],
         "cloudformation describe-stacks cars-api-data": [recorded("stack-data.json")],
         "cloudformation describe-stacks cars-api-ci-access": [missing("cars-api-ci-access")],
+        # The image of the one-off tasks, chosen before anything changes: none released yet.
+        "cloudformation describe-stack-resources cars-api-base": [{"stdout": "cars-api\n"}],
+        "ecr describe-repositories": [
+            {"stdout": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/cars-api\n"}
+        ],
+        "cloudformation describe-stacks cars-api-service": [missing("cars-api-service")],
         "iam create-service-linked-role": [TAKEN],
         "cloudformation create-change-set": [CREATED],
         "cloudformation describe-change-set cars-api-base": [
