@@ -21,15 +21,16 @@ stateful is left in it; otherwise it stops and prints the exact commands. Each s
 through a change set whose resource changes are printed first (Add, Modify, Replace, Remove);
 one that replaces a database, bucket, repository or secret is refused unless ALLOW_REPLACE=true.
 make plan prints the change sets of every stack (and of the service stack for SHA) and deletes
-them: nothing changes. Creates or updates the base stack (cloudformation/base.yaml), the data stack (cloudformation/
-data.yaml), then the CI access stack (cloudformation/ci-access.yaml: the GitHub OIDC provider and
-the deploy role). After the data stack it writes the regional RDS CA bundle (fetched and checked
-before any stack changes) into its secret (only when it changed), makes sure the API token has an AWSPREVIOUS version, and runs the bootstrap task
-(creates the database, the migration and app users, and their grants; idempotent) with the image
-BOOTSTRAP_SHA names once it passes the scan gate and (in GitHub Actions) the attestation check,
-else the digest the service runs now; never merely the newest image (no release and no
-BOOTSTRAP_SHA: it says so and skips). After a successful bootstrap of an available database it
-marks the data stack DatabaseReady=true: deletion protection on, rotation schedules created.
+them: nothing changes. Creates or updates the base stack (cloudformation/base.yaml), the data stack
+(cloudformation/data.yaml), then the CI access stack (cloudformation/ci-access.yaml: the GitHub
+OIDC provider and the deploy role). After the data stack it writes the regional RDS CA bundle
+(fetched and checked before any stack changes) into its secret (only when it changed), makes sure
+the API token has an AWSPREVIOUS version, and runs the bootstrap task (creates the database, the
+migration and app users, and their grants; idempotent) with the image BOOTSTRAP_SHA names once it
+passes the scan gate and (in GitHub Actions) the attestation check, else the digest the service
+runs now; never merely the newest image (no release and no BOOTSTRAP_SHA: it says so and skips).
+After a successful bootstrap of an available database it marks the data stack DatabaseReady=true:
+deletion protection on, rotation schedules created.
   GITHUB_REPOSITORY     repository whose ci.yml and rollback.yml (main, production environment)
                         may deploy; when omitted it is derived from `git remote get-url origin`
                         and must be confirmed at a terminal (refused without one)
@@ -234,18 +235,18 @@ fetch_ca_bundle() {
 
 # Writes the bundle fetch_ca_bundle checked into the data stack's CA secret, when it changed.
 refresh_ca_bundle() {
-  local secret bundle="$WORK/rds-ca.pem" count="$CA_COUNT"
+  local secret bundle="$WORK/rds-ca.pem"
   secret=$(resource_id "$DATA_STACK" CaBundleSecret)
   [[ -n "$secret" ]] || die "stack $DATA_STACK has no CaBundleSecret"
   aws_ secretsmanager get-secret-value --secret-id "$secret" --query SecretString \
     --output text >"$WORK/ca-current.pem" 2>/dev/null || : >"$WORK/ca-current.pem"
   if [[ "$(cat "$WORK/ca-current.pem")" == "$(cat "$bundle")" ]]; then
-    say "The RDS CA bundle ($count certificates) is current"
+    say "The RDS CA bundle ($CA_COUNT certificates) is current"
     return 0
   fi
   awsq secretsmanager put-secret-value --secret-id "$secret" --secret-string "file://$bundle" \
     --output json >/dev/null
-  say "Wrote the RDS CA bundle ($count certificates) to $secret"
+  say "Wrote the RDS CA bundle ($CA_COUNT certificates) to $secret"
 }
 
 # The service reads the API token's AWSPREVIOUS stage too, and ECS stops a task whose secret
